@@ -1,0 +1,1 @@
+"""Prefect flows: pipeline.py (the whole DAG)."""

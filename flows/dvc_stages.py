@@ -1,0 +1,67 @@
+"""Running a dvc.yaml stage from Prefect so that DVC and the flow agree.
+
+A Prefect task runs a stage only when DVC says it changed (or when forced), by
+executing the stage's own `cmd` from dvc.yaml in a subprocess (identical code,
+fresh memory for each stage), then `dvc commit`s it: dvc.lock and the DVC cache
+end up exactly as after `dvc repro`, so `dvc status` is clean after `lowbit run`.
+DVC calls are serialised: branches of the flow may run concurrently, DVC's repo may not.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import yaml
+from dvc.repo import Repo
+
+from lowbit.errors import LowbitError
+from lowbit.io import read_json
+from lowbit.stages import Paths
+
+_DVC_LOCK = threading.Lock()
+
+
+def stage_command(root: Path, stage: str) -> str:
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    if stage not in stages:
+        raise LowbitError(f"{root / 'dvc.yaml'}: no stage {stage!r}; stages: {', '.join(stages)}")
+    return stages[stage]["cmd"]
+
+
+def stage_changed(root: Path, stage: str) -> bool:
+    with _DVC_LOCK, Repo(str(root)) as repo:
+        return bool(repo.status(targets=[stage]))
+
+
+def commit_stage(root: Path, stage: str) -> None:
+    with _DVC_LOCK, Repo(str(root)) as repo:
+        repo.commit(stage, force=True)
+
+
+def push_outputs(root: Path) -> int:
+    with _DVC_LOCK, Repo(str(root)) as repo:
+        return repo.push()
+
+
+def execute_stage(root: Path, stage: str) -> None:
+    """Run the stage's dvc.yaml command with this interpreter's environment first on PATH."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    completed = subprocess.run(stage_command(root, stage), shell=True, cwd=root, env=env)
+    if completed.returncode != 0:
+        raise LowbitError(
+            f"stage {stage} failed (exit {completed.returncode}); see its message above. "
+            "Earlier stages' outputs, the DVC cache and MLflow history are untouched."
+        )
+
+
+def run_stage(root: Path, stage: str, force: bool = False) -> dict:
+    """Run `stage` if DVC says it changed (or `force`); return its result and whether it ran."""
+    ran = force or stage_changed(root, stage)
+    if ran:
+        execute_stage(root, stage)
+        commit_stage(root, stage)
+    return {"stage": stage, "ran": ran, "result": read_json(Paths(root).result(stage))}

@@ -1,0 +1,81 @@
+"""The lowbit pipeline as one Prefect flow; it reads like DESIGN.md's diagram.
+
+Run: lowbit run        (or: python -m flows.pipeline)
+
+    prepare ──> baseline ──> evaluate ──> report ──> track, push
+
+Each box is a dvc.yaml stage run by `stage_task` (skipped when DVC says it is up
+to date). The ptq, qat, lora and qlora branches join between baseline and evaluate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.runtime import flow_run
+
+from flows.dvc_stages import push_outputs, run_stage
+from lowbit.config import load_params
+from lowbit.io import read_json
+from lowbit.stages import RESULT_FILE, Paths
+from lowbit.tracking import Tracker
+
+
+@task(name="stage", task_run_name="{stage}")
+def stage_task(root: Path, stage: str, force: bool = False) -> dict:
+    # No retries: a failing stage fails for a reason (bad input, OOM) that a retry repeats.
+    return run_stage(root, stage, force)
+
+
+@task(name="dvc-push", retries=2, retry_delay_seconds=10)  # a remote (S3) can fail transiently
+def push_task(root: Path) -> int:
+    return push_outputs(root)
+
+
+@flow(name="lowbit-pipeline")
+def pipeline(root: str = ".", force: bool = False, overrides: tuple[str, ...] = ()) -> dict:
+    paths = Paths(Path(root).resolve())
+    params = load_params(paths.params)
+    tracker = Tracker(params, paths.root)
+    tracker.start({"lowbit.prefect_flow_run_id": str(flow_run.id), "lowbit.overrides": " ".join(overrides)})
+    try:
+        outcomes = {"prepare": stage_task(paths.root, "prepare", force)}
+        tracker.tag("lowbit.data_hash", outcomes["prepare"]["result"]["data_hash"])
+        outcomes["baseline"] = stage_task(paths.root, "baseline", force)
+        outcomes["evaluate"] = stage_task(paths.root, "evaluate", force)
+        outcomes["report"] = stage_task(paths.root, "report", force)
+        track_results(tracker, paths, outcomes)
+        if params.tracking.dvc_push:
+            tracker.tag("lowbit.dvc_pushed_files", str(push_task(paths.root)))
+    except BaseException as err:
+        tracker.finish("FAILED", f"{type(err).__name__}: {err}")
+        raise
+    tracker.finish("FINISHED")
+    return {
+        "mlflow_run_id": tracker.run_id,
+        "tracking_uri": tracker.uri,
+        "ran": [name for name, outcome in outcomes.items() if outcome["ran"]],
+        "report": (paths.reports / "summary.md").read_text(),
+    }
+
+
+def track_results(tracker: Tracker, paths: Paths, outcomes: dict) -> None:
+    """Stage figures on the parent run, one nested run per variant, report artifacts."""
+    for stage, outcome in outcomes.items():
+        tracker.log_stage(stage, outcome["result"], outcome["ran"])
+    rows = {row["variant"]: row["metrics"] for row in read_json(paths.reports / "summary.json")["rows"]}
+    for variant, metrics in rows.items():
+        record = read_json(paths.metrics / f"{variant}.json")
+        stage = record["stage"]
+        reused = not (outcomes.get(stage, {}).get("ran") or outcomes["evaluate"]["ran"])
+        card = Path(record["model_dir"]) / "lowbit_variant.json"
+        tracker.log_variant(record, metrics, stage, reused, [paths.metrics / f"{variant}.json", card])
+    tracker.log_artifacts([
+        paths.params, paths.root / "dvc.lock", paths.reports / "summary.md", paths.reports / "pareto.png",
+        paths.reports / "summary.json", paths.prepared / "meta.json", paths.prepared / RESULT_FILE,
+    ])
+
+
+if __name__ == "__main__":
+    print(pipeline()["report"])

@@ -1,0 +1,89 @@
+"""`lowbit` command line.
+
+    lowbit run [-P baseline.epochs=2 ...] [--force]   run the Prefect flow (stages DVC says changed)
+    lowbit stage prepare                              run one stage in this process
+    lowbit check                                      validate params.yaml and exit
+    lowbit show                                       print the last report
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+from pathlib import Path
+
+from lowbit.config import load_params, write_overrides
+from lowbit.errors import LowbitError
+from lowbit.stages import Paths, quiet_libraries
+
+STAGES = ("prepare", "baseline", "evaluate", "report")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lowbit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default=".", help="project root holding params.yaml and dvc.yaml (default: .)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the whole pipeline as a Prefect flow")
+    run.add_argument("-P", "--param", action="append", default=[], metavar="KEY=VALUE",
+                     help="set a param in params.yaml before running (recorded in MLflow), e.g. -P baseline.epochs=2")
+    run.add_argument("--force", action="store_true", help="rerun every stage even if DVC says it is up to date")
+    stage = sub.add_parser("stage", help="run one stage in this process (what dvc.yaml's cmd does)")
+    stage.add_argument("name", choices=STAGES)
+    sub.add_parser("check", help="validate params.yaml")
+    sub.add_parser("show", help="print the last report (reports/summary.md)")
+    args = parser.parse_args(argv)
+    root = Path(args.root).resolve()
+    try:
+        return COMMANDS[args.command](args, Paths(root))
+    except LowbitError as err:
+        print(f"lowbit: error: {err}", file=sys.stderr)
+        return 2
+
+
+def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
+    started = time.perf_counter()
+    if args.param:
+        for key, old, new in write_overrides(paths.params, args.param):
+            print(f"params.yaml: {key}: {old!r} -> {new!r}")
+    else:
+        load_params(paths.params)  # fail on bad params before starting Prefect
+    quiet_libraries()
+    from flows.pipeline import pipeline  # Prefect import is slow: only for `run`
+
+    outcome = pipeline(root=str(paths.root), force=args.force, overrides=tuple(args.param))
+    print()
+    print(outcome["report"])
+    ran = ", ".join(outcome["ran"]) or "nothing (all stages up to date)"
+    print(f"stages run: {ran}; {time.perf_counter() - started:.1f} s in all")
+    print(f"MLflow run {outcome['mlflow_run_id']} in {outcome['tracking_uri']}")
+    return 0
+
+
+def cmd_stage(args: argparse.Namespace, paths: Paths) -> int:
+    module = importlib.import_module(f"tasks.{args.name}")
+    os.chdir(paths.root)
+    module.stage_main(args.name, module.run, [str(paths.root)])
+    return 0
+
+
+def cmd_check(args: argparse.Namespace, paths: Paths) -> int:
+    params = load_params(paths.params)
+    print(f"{paths.params}: ok (params hash {params.digest()[:12]})")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, paths: Paths) -> int:
+    summary = paths.reports / "summary.md"
+    if not summary.is_file():
+        raise LowbitError(f"{summary} not found; run `lowbit run` first")
+    print(summary.read_text())
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "stage": cmd_stage, "check": cmd_check, "show": cmd_show}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Typed params: load params.yaml, validate every key before any work starts.
+
+    from lowbit.config import load_params
+    params = load_params("params.yaml", overrides=["baseline.epochs=2"])
+
+Unknown keys, wrong types and out-of-range values raise LowbitError naming the
+file, the dotted key and what is allowed. Every key must be present in
+params.yaml: DVC tracks params by key, so a default hidden in code would let a
+change slip past `dvc status`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ruamel.yaml import YAML
+
+from lowbit.errors import LowbitError
+from lowbit.io import atomic_write_text
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class ModelParams(Section):
+    name: str = Field(min_length=1)
+    trust_remote_code: bool
+    max_length: int = Field(ge=8, le=8192)
+
+
+class DataParams(Section):
+    source: str = Field(min_length=1)
+    text_column: str = Field(min_length=1)
+    label_column: str = Field(min_length=1)
+    test_source: str | None
+    max_rows: int | None = Field(ge=10)
+    builtin_rows: int = Field(ge=60)
+    seed: int
+
+
+class PrepareParams(Section):
+    val_fraction: float = Field(gt=0.0, lt=0.5)
+    test_fraction: float = Field(gt=0.0, lt=0.5)
+    calib_size: int = Field(ge=1)
+
+
+class TrainParams(Section):
+    epochs: int = Field(ge=1, le=1000)
+    learning_rate: float = Field(gt=0.0, le=1.0)
+    batch_size: int = Field(ge=1, le=4096)
+    warmup_ratio: float = Field(ge=0.0, lt=1.0)
+    weight_decay: float = Field(ge=0.0, le=1.0)
+    max_grad_norm: float = Field(gt=0.0)
+    seed: int
+
+
+class EvaluateParams(Section):
+    batch_size: int = Field(ge=1, le=4096)
+    latency_samples: int = Field(ge=5)
+    warmup_batches: int = Field(ge=0)
+    num_threads: int = Field(ge=0)
+
+
+class ReportParams(Section):
+    max_accuracy_drop: float = Field(ge=0.0, le=100.0)
+
+
+class TrackingParams(Section):
+    uri: str = Field(min_length=1)
+    experiment: str = Field(min_length=1)
+    artifact_location: str = Field(min_length=1)
+    dvc_push: bool
+
+
+class Params(Section):
+    model: ModelParams
+    data: DataParams
+    prepare: PrepareParams
+    baseline: TrainParams
+    evaluate: EvaluateParams
+    report: ReportParams
+    tracking: TrackingParams
+
+    def section(self, name: str) -> dict[str, Any]:
+        return getattr(self, name).model_dump()
+
+    def digest(self) -> str:
+        """sha256 of the validated params, canonical JSON: equal params, equal hash."""
+        canonical = json.dumps(self.model_dump(), sort_keys=True, default=str)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    path = Path(path)
+    raw = read_yaml_mapping(path)
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(raw, key, value, path)
+    return validate_params(raw, path)
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise LowbitError(f"{path}: file not found (run from the project root or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise LowbitError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise LowbitError(f"{path}: expected a mapping of sections (model, data, ...), got {type(raw).__name__}")
+    return raw
+
+
+def validate_params(raw: dict[str, Any], path: Path | str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        lines = [describe_error(e, raw) for e in err.errors()]
+        raise LowbitError(f"{path}: invalid params:\n  " + "\n  ".join(lines)) from None
+
+
+def describe_error(error: dict[str, Any], raw: dict[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        parent_loc = error["loc"][:-1]
+        allowed = sorted(_model_at(parent_loc).model_fields)
+        return f"{key}: unknown key; allowed keys here: {', '.join(allowed)}"
+    if kind == "missing":
+        return f"{key}: missing; add it to params.yaml"
+    return f"{key}: {error['msg']} (got {error.get('input')!r})"
+
+
+def _model_at(loc: tuple) -> type[BaseModel]:
+    model: type[BaseModel] = Params
+    for part in loc:
+        model = model.model_fields[part].annotation  # type: ignore[assignment]
+    return model
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`baseline.epochs=2` -> ("baseline.epochs", 2); the value is parsed as YAML."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise LowbitError(f"override {item!r}: expected KEY=VALUE, e.g. baseline.epochs=2")
+    return key.strip(), yaml.safe_load(value) if value.strip() else None
+
+
+def set_dotted(raw: dict[str, Any], key: str, value: Any, path: Path | str) -> None:
+    parts = key.split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        if not isinstance(node.get(part), dict):
+            where = ".".join(parts[: depth + 1])
+            raise LowbitError(f"{path}: override {key}: '{where}' is not a section; sections: {', '.join(raw)}")
+        node = node[part]
+    if parts[-1] not in node:
+        where = ".".join(parts[:-1])
+        raise LowbitError(f"{path}: override {key}: unknown key; keys in {where}: {', '.join(node)}")
+    node[parts[-1]] = value
+
+
+def write_overrides(path: str | Path, overrides: list[str] | tuple[str, ...]) -> list[tuple[str, Any, Any]]:
+    """Apply validated overrides to params.yaml in place, keeping its comments.
+
+    Like `dvc exp run --set-param`: params.yaml stays the single source of truth,
+    so `dvc status` and `dvc repro` see the same values the run used.
+    Returns (key, old, new) for each change. Validates first: on error the file is untouched.
+    """
+    path = Path(path)
+    load_params(path, overrides)  # raises before anything is written
+    rt = YAML()
+    rt.preserve_quotes = True
+    doc = rt.load(path.read_text())
+    changes = []
+    for item in overrides:
+        key, value = parse_override(item)
+        *parents, leaf = key.split(".")
+        node = doc
+        for part in parents:
+            node = node[part]
+        changes.append((key, node[leaf], value))
+        node[leaf] = value
+    buf = io.StringIO()
+    rt.dump(doc, buf)
+    atomic_write_text(path, buf.getvalue())
+    return changes

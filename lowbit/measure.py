@@ -1,0 +1,103 @@
+"""Measurements: memory held by a model, bytes on disk, peak RSS, latency, throughput.
+
+Every figure is measured. `bits_per_param` is derived, and says how:
+8 × weight_bytes / total_params (storage bits per parameter, scales included).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from lowbit.io import tree_bytes
+
+_PROC_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer as held in memory, each storage counted once.
+
+    Quantized storage counts as what it is: int8 weights 1 byte each, packed 4-bit
+    weights half a byte, plus their scales and zero points (they are buffers or
+    parameters too). Tied tensors (shared storage) are counted once.
+    """
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [t for m in model.modules() for t in _extra_tensors(m)]
+    for tensor in tensors:
+        if tensor.device.type == "meta":
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes()) if not tensor.is_quantized else (id(tensor), 0)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += tensor.numel() * tensor.element_size() if tensor.is_quantized else tensor.untyped_storage().nbytes()
+    return total
+
+
+def _extra_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Tensors a module holds outside parameters/buffers (quantized-module hooks register here)."""
+    hook = getattr(module, "lowbit_extra_tensors", None)
+    return list(hook()) if callable(hook) else []
+
+
+def bits_per_param(weight_bytes_: int, total_params: int) -> float:
+    return 8.0 * weight_bytes_ / total_params if total_params else float("nan")
+
+
+def disk_bytes(path: str | Path) -> int:
+    return tree_bytes(path)
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) so the next reading covers only what follows.
+
+    Linux ≥ 4.0 resets it when "5" is written to /proc/self/clear_refs. Returns False
+    where that is not possible; peak_rss_bytes then reports the process-lifetime peak.
+    """
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size since the last reset_peak_rss() (or process start)."""
+    try:
+        for line in _PROC_STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def cuda_peak_bytes() -> int | None:
+    return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
+
+
+def time_calls(fn: Callable[[], object], repeats: int, warmup: int) -> np.ndarray:
+    """Wall-clock milliseconds of each of `repeats` calls, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = np.empty(repeats)
+    for i in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times[i] = (time.perf_counter() - start) * 1000.0
+    return times
+
+
+def latency_summary(times_ms: np.ndarray) -> dict[str, float]:
+    return {
+        "latency_ms_p50": float(np.percentile(times_ms, 50)),
+        "latency_ms_p95": float(np.percentile(times_ms, 95)),
+    }

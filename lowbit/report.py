@@ -1,0 +1,130 @@
+"""The comparison report: one table, an accuracy-vs-memory Pareto plot, a recommendation.
+
+    summary = build_summary(records, max_accuracy_drop=1.0)
+    write_report(summary, Path("reports"))
+
+`accuracy_delta` = (variant accuracy − fp32 accuracy) × 100, in points.
+The recommendation is the variant with the smallest `weight_bytes` whose accuracy is
+within `max_accuracy_drop` points of fp32 (ties: higher accuracy).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+from lowbit.errors import LowbitError  # noqa: E402
+from lowbit.io import atomic_write_text, write_json  # noqa: E402
+from lowbit.variants import BASELINE, order_key  # noqa: E402
+
+MIB = 1024 * 1024
+
+
+def build_summary(records: dict[str, dict], max_accuracy_drop: float) -> dict:
+    if BASELINE not in records:
+        raise LowbitError(f"no metrics for the {BASELINE} baseline; the report compares every variant against it")
+    base = records[BASELINE]["metrics"]
+    rows = []
+    for variant in sorted(records, key=order_key):
+        metrics = dict(records[variant]["metrics"])
+        metrics["accuracy_delta"] = (metrics["accuracy"] - base["accuracy"]) * 100.0
+        rows.append({"variant": variant, "metrics": metrics, "notes": records[variant].get("notes", [])})
+    front = pareto_front(rows)
+    for row in rows:
+        row["pareto"] = row["variant"] in front
+    eligible = [r for r in rows if r["metrics"]["accuracy_delta"] >= -max_accuracy_drop]
+    best = min(eligible, key=lambda r: (r["metrics"]["weight_bytes"], -r["metrics"]["accuracy"]))
+    return {
+        "rows": rows,
+        "recommendation": {
+            "variant": best["variant"],
+            "rule": f"smallest weight_bytes within {max_accuracy_drop:g} accuracy points of {BASELINE}",
+            "weight_ratio_vs_fp32": best["metrics"]["weight_bytes"] / base["weight_bytes"],
+            "accuracy_delta": best["metrics"]["accuracy_delta"],
+        },
+    }
+
+
+def pareto_front(rows: list[dict]) -> set[str]:
+    """Variants no other variant beats on both accuracy (higher) and weight_bytes (lower)."""
+    def dominated(a: dict) -> bool:
+        ma = a["metrics"]
+        return any(
+            mb["accuracy"] >= ma["accuracy"] and mb["weight_bytes"] <= ma["weight_bytes"]
+            and (mb["accuracy"] > ma["accuracy"] or mb["weight_bytes"] < ma["weight_bytes"])
+            for mb in (b["metrics"] for b in rows)
+        )
+    return {r["variant"] for r in rows if not dominated(r)}
+
+
+COLUMNS = [  # (header, metric, format)
+    ("accuracy", "accuracy", "{:.4f}"), ("Δacc pts", "accuracy_delta", "{:+.2f}"), ("f1_macro", "f1_macro", "{:.4f}"),
+    ("ece", "ece", "{:.4f}"), ("weight MiB", "weight_bytes", "mib"), ("disk MiB", "disk_bytes", "mib"),
+    ("bits/param", "bits_per_param", "{:.2f}"), ("p50 ms", "latency_ms_p50", "{:.2f}"),
+    ("p95 ms", "latency_ms_p95", "{:.2f}"), ("samples/s", "throughput_samples_s", "{:.1f}"),
+]
+
+
+def markdown_table(summary: dict) -> str:
+    header = "| variant | " + " | ".join(h for h, _, _ in COLUMNS) + " | pareto |"
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
+    for row in summary["rows"]:
+        cells = [_fmt(row["metrics"].get(key), fmt) for _, key, fmt in COLUMNS]
+        lines.append(f"| {row['variant']} | " + " | ".join(cells) + f" | {'*' if row['pareto'] else ''} |")
+    return "\n".join(lines)
+
+
+def _fmt(value, fmt: str) -> str:
+    if value is None:
+        return "–"
+    return f"{value / MIB:.1f}" if fmt == "mib" else fmt.format(value)
+
+
+def markdown_report(summary: dict) -> str:
+    rec = summary["recommendation"]
+    notes = [f"- {row['variant']}: {note}" for row in summary["rows"] for note in row["notes"]]
+    parts = [
+        "# lowbit report",
+        "",
+        markdown_table(summary),
+        "",
+        f"**Recommended: {rec['variant']}** — {rec['rule']}: {rec['weight_ratio_vs_fp32']:.1%} of fp32 weight bytes, "
+        f"{rec['accuracy_delta']:+.2f} accuracy points.",
+        "",
+        "Δacc pts = (accuracy − fp32 accuracy) × 100. bits/param = 8 × weight_bytes / total_params (derived). "
+        "Latency: batch of 1; samples/s: evaluation batch. pareto: no variant is both more accurate and smaller.",
+    ]
+    if notes:
+        parts += ["", "Notes:", *notes]
+    return "\n".join(parts) + "\n"
+
+
+def pareto_plot(summary: dict, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in summary["rows"]:
+        m = row["metrics"]
+        ax.scatter(m["weight_bytes"] / MIB, m["accuracy"], color="tab:red" if row["pareto"] else "tab:blue", zorder=3)
+        ax.annotate(row["variant"], (m["weight_bytes"] / MIB, m["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    front = sorted((r["metrics"]["weight_bytes"] / MIB, r["metrics"]["accuracy"]) for r in summary["rows"] if r["pareto"])
+    ax.plot(*zip(*front), color="tab:red", linestyle="--", linewidth=1, label="Pareto front")
+    ax.set_xlabel("weight_bytes (MiB, as held in memory)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("lowbit: accuracy vs memory")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_report(summary: dict, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pareto_plot(summary, out_dir / "pareto.png")
+    atomic_write_text(out_dir / "summary.md", markdown_report(summary))
+    write_json(out_dir / "summary.json", summary)

@@ -1,0 +1,122 @@
+"""One training loop shared by baseline, qat, lora and qlora.
+
+    result = train(model, tokenizer, splits.train, splits.val, params.baseline, max_length=64)
+
+AdamW with linear warmup/decay, gradient clipping, seeded shuffling, validation
+after every epoch, and the best-on-validation weights restored at the end.
+Variants differ only in the model they pass in (fake-quantized, PEFT-wrapped, 4-bit)
+and in the optional `on_step` hook (QAT freezes its observers there).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+
+from lowbit.config import TrainParams
+
+
+def progress_disabled() -> bool | None:
+    """tqdm's `disable`: None lets tqdm decide (bars on a terminal only); CI logs stay quiet."""
+    return True if os.environ.get("CI") else None
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_loader(
+    tokenizer: PreTrainedTokenizerBase, frame: pd.DataFrame, batch_size: int, max_length: int,
+    shuffle: bool = False, seed: int = 0,
+) -> DataLoader:
+    """Batches of tokenized texts, padded per batch (dynamic padding), with `labels`."""
+    rows = list(zip(frame["text"].tolist(), frame["label"].tolist()))
+
+    def collate(batch):
+        texts, labels = zip(*batch)
+        enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        enc["labels"] = torch.tensor(labels, dtype=torch.long)
+        return enc
+
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, loader: DataLoader) -> tuple[np.ndarray, np.ndarray]:
+    """(logits [n, classes] float32, labels [n]) over a loader, model in eval mode."""
+    model.eval()
+    device = next(model.parameters()).device
+    logits, labels = [], []
+    for batch in loader:
+        labels.append(batch.pop("labels").numpy())
+        out = model(**{k: v.to(device) for k, v in batch.items()})
+        logits.append(out.logits.float().cpu().numpy())
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best_val_accuracy: float
+    train_samples_s: float
+    train_seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def train(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, train_frame: pd.DataFrame, val_frame: pd.DataFrame,
+    cfg: TrainParams, max_length: int, optimizer_factory: Callable | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> TrainResult:
+    seed_everything(cfg.seed)
+    loader = make_loader(tokenizer, train_frame, cfg.batch_size, max_length, shuffle=True, seed=cfg.seed)
+    val_loader = make_loader(tokenizer, val_frame, cfg.batch_size * 2, max_length)
+    params = [p for p in model.parameters() if p.requires_grad]
+    make_optimizer = optimizer_factory or (lambda ps: torch.optim.AdamW(ps, lr=cfg.learning_rate, weight_decay=cfg.weight_decay))
+    optimizer = make_optimizer(params)
+    total_steps = cfg.epochs * len(loader)
+    schedule = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
+    device = next(model.parameters()).device
+
+    best_state, best, history, step, samples, seconds = None, (-1.0, 0), [], 0, 0, 0.0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        epoch_start = time.perf_counter()
+        losses = []
+        for batch in tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=progress_disabled(), leave=False):
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            samples += len(batch["labels"])
+            step += 1
+            if on_step:
+                on_step(step)
+        seconds += time.perf_counter() - epoch_start  # training only: validation is not in train_samples_s
+        logits, labels = predict_logits(model, val_loader)
+        val_accuracy = float((logits.argmax(-1) == labels).mean())
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": val_accuracy})
+        if val_accuracy > best[0]:
+            best = (val_accuracy, epoch)
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    if best[1] != cfg.epochs:
+        model.load_state_dict(best_state)
+    return TrainResult(best[1], best[0], samples / seconds, seconds, history)

@@ -1,0 +1,52 @@
+"""baseline: full FP32 fine-tune of the pretrained model, best-on-validation checkpoint.
+
+Run: python -m tasks.baseline   (dvc repro baseline; lowbit run)
+Reads params: model.*, baseline.*   Writes: models/baseline/ (safetensors + tokenizer + card)
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from lowbit.config import Params
+from lowbit.io import atomic_dir, read_json, write_json
+from lowbit.measure import peak_rss_bytes, reset_peak_rss
+from lowbit.models import load_classifier, load_tokenizer, param_counts, resolve_model, save_model
+from lowbit.stages import RESULT_FILE, Paths, StageClock, stage_main
+from lowbit.train import train
+from lowbit.variants import write_card
+
+
+def run(params: Params, paths: Paths) -> dict:
+    clock = StageClock()
+    reset_peak_rss()
+    labels = read_json(paths.prepared / "meta.json")["labels"]
+    source = resolve_model(params.model.name)
+    tokenizer = load_tokenizer(source, params.model)
+    model = load_classifier(source, params.model, labels)
+    fit = train(
+        model, tokenizer, pd.read_parquet(paths.prepared / "train.parquet"), pd.read_parquet(paths.prepared / "val.parquet"),
+        params.baseline, params.model.max_length,
+    )
+    trainable, total = param_counts(model)
+    result = {
+        "variant": "fp32",
+        "best_epoch": fit.best_epoch,
+        "best_val_accuracy": fit.best_val_accuracy,
+        "history": fit.history,
+        "train_samples_s": fit.train_samples_s,
+        "train_seconds": fit.train_seconds,
+        "trainable_params": trainable,
+        "total_params": total,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+    with atomic_dir(paths.models / "baseline") as out:
+        save_model(model, tokenizer, out)
+        write_card(out, "fp32", "hf", "baseline", base_model=params.model.name, training=result)
+        result["stage_seconds"] = clock.seconds()
+        write_json(out / RESULT_FILE, result)
+    return result
+
+
+if __name__ == "__main__":
+    stage_main("baseline", run)
