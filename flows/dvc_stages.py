@@ -9,11 +9,13 @@ DVC calls are serialised: branches of the flow may run concurrently, DVC's repo 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 from dvc.repo import Repo
@@ -32,18 +34,25 @@ def stage_command(root: Path, stage: str) -> str:
     return stages[stage]["cmd"]
 
 
+@contextlib.contextmanager
+def dvc_repo(root: Path) -> Iterator[Repo]:
+    """The project's DVC repo, one caller at a time; DVC resolves stage paths against the cwd."""
+    with _DVC_LOCK, contextlib.chdir(root), Repo(str(root)) as repo:
+        yield repo
+
+
 def stage_changed(root: Path, stage: str) -> bool:
-    with _DVC_LOCK, Repo(str(root)) as repo:
+    with dvc_repo(root) as repo:
         return bool(repo.status(targets=[stage]))
 
 
 def commit_stage(root: Path, stage: str) -> None:
-    with _DVC_LOCK, Repo(str(root)) as repo:
+    with dvc_repo(root) as repo:
         repo.commit(stage, force=True)
 
 
 def push_outputs(root: Path) -> int:
-    with _DVC_LOCK, Repo(str(root)) as repo:
+    with dvc_repo(root) as repo:
         return repo.push()
 
 

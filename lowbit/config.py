@@ -150,7 +150,13 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise LowbitError(f"override {item!r}: expected KEY=VALUE, e.g. baseline.epochs=2")
-    return key.strip(), yaml.safe_load(value) if value.strip() else None
+    parsed = yaml.safe_load(value) if value.strip() else None
+    if isinstance(parsed, str):  # YAML 1.1 reads 1e-4 as a string; users mean the number
+        try:
+            parsed = float(parsed)
+        except ValueError:
+            pass
+    return key.strip(), parsed
 
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any, path: Path | str) -> None:

@@ -1,0 +1,99 @@
+"""The real pipeline on a tiny builtin dataset: dvc repro, Prefect flow runs, MLflow store, failures."""
+
+import subprocess
+import time
+
+import pytest
+from dvc.repo import Repo
+from mlflow import MlflowClient
+
+from flows.pipeline import pipeline
+from lowbit.cli import main as lowbit_main
+from lowbit.errors import LowbitError
+from lowbit.io import read_json, sha256_tree
+from tests.conftest import set_params, venv_env
+
+
+def dvc_clean(root) -> bool:
+    with Repo(str(root)) as repo:
+        return repo.status() == {}
+
+
+def pipeline_runs(root):
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("lowbit")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def test_dvc_repro_and_the_flow_share_one_lock_and_rerun_only_what_changed(tiny_project):
+    root = tiny_project
+    subprocess.run(["dvc", "repro"], cwd=root, check=True, env=venv_env())
+    fp32 = read_json(root / "metrics" / "fp32.json")
+    assert 0.0 <= fp32["metrics"]["accuracy"] <= 1.0 and fp32["metrics"]["weight_bytes"] > 80 * 2**20
+    assert (root / "reports" / "pareto.png").is_file() and dvc_clean(root)
+
+    # The flow sees dvc repro's lock as its own: nothing reruns.
+    started = time.perf_counter()
+    outcome = pipeline(root=str(root))
+    assert outcome["ran"] == []
+    assert time.perf_counter() - started < 60
+    assert "| fp32 |" in outcome["report"]
+
+    # One evaluate param changed: only evaluate and report rerun; override recorded in MLflow.
+    assert lowbit_main(["--root", str(root), "run", "-P", "evaluate.latency_samples=6"]) == 0
+    parents, children = pipeline_runs(root)
+    assert [p.data.tags["lowbit.stage.baseline"] for p in parents] == ["up-to-date", "up-to-date"]
+    assert parents[-1].data.tags["lowbit.stage.evaluate"] == "ran"
+    assert parents[-1].data.tags["lowbit.stage.prepare"] == "up-to-date"
+    assert parents[-1].data.tags["lowbit.overrides"] == "evaluate.latency_samples=6"
+    assert "latency_samples: 6" in (root / "params.yaml").read_text()
+    assert dvc_clean(root)
+
+    # What MLflow holds is what the metrics files say, tagged for traceability.
+    parent = parents[-1]
+    meta = read_json(root / "data" / "prepared" / "meta.json")
+    assert parent.data.tags["lowbit.data_hash"] == meta["data_hash"]
+    assert len(parent.data.tags["lowbit.params_hash"]) == 64
+    assert len(parent.data.tags["lowbit.git_commit"]) == 40
+    assert parent.data.tags["lowbit.prefect_flow_run_id"] not in ("", "None")
+    assert parent.info.status == "FINISHED"
+    child = [c for c in children if c.data.tags["mlflow.parentRunId"] == parent.info.run_id]
+    assert [c.data.tags["lowbit.variant"] for c in child] == ["fp32"]
+    latest = read_json(root / "metrics" / "fp32.json")["metrics"]
+    assert child[0].data.metrics["accuracy"] == pytest.approx(latest["accuracy"])
+    assert child[0].data.metrics["accuracy_delta"] == 0.0
+    assert child[0].data.params["baseline.epochs"] == "1"
+    assert "train_samples_s" in child[0].data.metrics and "train_peak_rss_bytes" in child[0].data.metrics
+
+
+def test_flow_from_scratch_then_a_bad_source_fails_cleanly_and_loses_nothing(tiny_project):
+    root = tiny_project
+    first = pipeline(root=str(root))
+    assert first["ran"] == ["prepare", "baseline", "evaluate", "report"]
+    assert dvc_clean(root)
+    assert any((root / ".dvc-remote").rglob("*")), "outputs were pushed to the local DVC remote"
+    prepared, baseline = sha256_tree(root / "data" / "prepared"), sha256_tree(root / "models" / "baseline")
+    cache_files = sorted(p.name for p in (root / ".dvc" / "cache").rglob("*") if p.is_file())
+
+    set_params(root / "params.yaml", {"data.source": "data/raw/missing.csv"})
+    with pytest.raises(LowbitError, match="stage prepare failed"):
+        pipeline(root=str(root))
+    assert sha256_tree(root / "data" / "prepared") == prepared
+    assert sha256_tree(root / "models" / "baseline") == baseline
+    assert sorted(p.name for p in (root / ".dvc" / "cache").rglob("*") if p.is_file()) == cache_files
+    assert not [p for p in (root / "data").iterdir() if ".tmp-" in p.name]
+    parents, _ = pipeline_runs(root)
+    assert [p.info.status for p in parents] == ["FINISHED", "FAILED"]
+    assert "stage prepare failed" in parents[-1].data.tags["lowbit.error"]
+
+
+def test_bad_params_fail_before_any_work(tiny_project, capsys):
+    root = tiny_project
+    set_params(root / "params.yaml", {"baseline.epochs": 0})
+    assert lowbit_main(["--root", str(root), "run"]) == 2
+    err = capsys.readouterr().err
+    assert "params.yaml" in err and "baseline.epochs" in err and "greater than or equal to 1" in err
+    assert not (root / "data" / "prepared").exists() and not (root / "mlflow.db").exists()

@@ -1,0 +1,22 @@
+"""A tiny BERT classifier (random weights, MiniLM's tokenizer) for fast unit tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+from lowbit.models import resolve_model
+
+
+def tiny_classifier_dir(root: Path, num_labels: int = 3, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128, num_labels=num_labels,
+    )
+    model = BertForSequenceClassification(config)
+    model.save_pretrained(root, safe_serialization=True)
+    AutoTokenizer.from_pretrained(resolve_model("embedded:minilm-l6")).save_pretrained(root)
+    return root

@@ -1,0 +1,91 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lowbit.config import Params, load_params, parse_override, validate_params, write_overrides
+from lowbit.errors import LowbitError
+from tests.conftest import REPO
+
+
+def raw_params() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_repo_params_yaml_is_valid_and_complete():
+    params = load_params(REPO / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.model.name == "embedded:minilm-l6"
+    assert set(raw_params()) == set(Params.model_fields)
+
+
+def test_every_params_value_has_a_tradeoff_comment():
+    lines = [l for l in (REPO / "params.yaml").read_text().splitlines() if l.startswith("  ") and ":" in l]
+    uncommented = [l for l in lines if "#" not in l]
+    assert lines and not uncommented
+
+
+def test_unknown_key_names_file_dotted_key_and_allowed_keys():
+    raw = raw_params()
+    raw["baseline"]["epoch"] = 2
+    with pytest.raises(LowbitError) as err:
+        validate_params(raw, "params.yaml")
+    message = str(err.value)
+    assert "params.yaml" in message
+    assert "baseline.epoch: unknown key" in message
+    assert "epochs" in message and "learning_rate" in message
+
+
+def test_wrong_type_and_out_of_range_values_are_reported_with_key_and_value():
+    raw = raw_params()
+    raw["baseline"]["epochs"] = "three"
+    raw["prepare"]["val_fraction"] = 0.9
+    with pytest.raises(LowbitError) as err:
+        validate_params(raw, "params.yaml")
+    message = str(err.value)
+    assert "baseline.epochs" in message and "'three'" in message
+    assert "prepare.val_fraction" in message and "0.9" in message
+
+
+def test_missing_key_is_an_error_not_a_silent_default():
+    raw = raw_params()
+    del raw["tracking"]["uri"]
+    with pytest.raises(LowbitError, match=r"tracking\.uri: missing"):
+        validate_params(raw, "params.yaml")
+
+
+def test_override_parses_yaml_values_and_applies():
+    assert parse_override("baseline.learning_rate=1e-4") == ("baseline.learning_rate", 1e-4)
+    assert parse_override("data.test_source=null") == ("data.test_source", None)
+    params = load_params(REPO / "params.yaml", ["baseline.epochs=2", "model.max_length=32"])
+    assert params.baseline.epochs == 2 and params.model.max_length == 32
+
+
+@pytest.mark.parametrize("item, fragment", [
+    ("baseline.epochs", "expected KEY=VALUE"),
+    ("baseline.epoch=2", "unknown key; keys in baseline"),
+    ("nosuch.key=1", "'nosuch' is not a section"),
+])
+def test_bad_overrides_are_explained(item, fragment):
+    with pytest.raises(LowbitError, match=fragment):
+        load_params(REPO / "params.yaml", [item])
+
+
+def test_write_overrides_keeps_comments_and_refuses_invalid_values(tmp_path: Path):
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    changes = write_overrides(path, ["baseline.epochs=2"])
+    assert changes == [("baseline.epochs", 3, 2)]
+    text = path.read_text()
+    assert "epochs: 2" in text and "# more epochs fit better" in text
+    before = path.read_text()
+    with pytest.raises(LowbitError, match="baseline.epochs"):
+        write_overrides(path, ["baseline.epochs=0"])
+    assert path.read_text() == before
+
+
+def test_digest_changes_with_any_value():
+    a = load_params(REPO / "params.yaml")
+    b = load_params(REPO / "params.yaml", ["evaluate.latency_samples=101"])
+    assert a.digest() == load_params(REPO / "params.yaml").digest()
+    assert a.digest() != b.digest()

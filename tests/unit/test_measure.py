@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+import torch
+
+from lowbit.measure import (
+    bits_per_param, disk_bytes, latency_summary, peak_rss_bytes, reset_peak_rss, time_calls, weight_bytes,
+)
+
+
+def test_weight_bytes_counts_parameters_and_buffers_by_dtype():
+    model = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.BatchNorm1d(20))
+    # linear 200 + 20 fp32; batchnorm weight+bias 40 fp32, running mean/var 40 fp32, num_batches_tracked 1 int64
+    assert weight_bytes(model) == (220 + 40 + 40) * 4 + 8
+
+
+def test_weight_bytes_counts_tied_weights_once_and_int8_as_one_byte():
+    emb = torch.nn.Embedding(100, 16)
+    head = torch.nn.Linear(16, 100, bias=False)
+    head.weight = emb.weight
+    assert weight_bytes(torch.nn.ModuleList([emb, head])) == 100 * 16 * 4
+    holder = torch.nn.Module()
+    holder.register_buffer("q", torch.zeros(1000, dtype=torch.int8))
+    holder.register_buffer("scale", torch.ones(10, dtype=torch.float16))
+    assert weight_bytes(holder) == 1000 + 20
+
+
+def test_bits_per_param_is_derived_from_weight_bytes():
+    assert bits_per_param(4000, 1000) == 32.0
+    assert bits_per_param(500, 1000) == 4.0
+
+
+def test_disk_bytes_sums_a_tree(tmp_path):
+    (tmp_path / "a").write_bytes(b"x" * 100)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b").write_bytes(b"y" * 23)
+    assert disk_bytes(tmp_path) == 123
+    assert disk_bytes(tmp_path / "a") == 100
+
+
+def test_peak_rss_sees_an_allocation_and_reset_forgets_it():
+    if not reset_peak_rss():
+        pytest.skip("this kernel does not allow resetting the peak RSS")
+    base = peak_rss_bytes()
+    block = np.ones(300 * 1024 * 1024 // 8)  # 300 MiB, touched
+    grown = peak_rss_bytes()
+    del block
+    assert grown - base > 250 * 1024 * 1024
+    reset_peak_rss()
+    assert peak_rss_bytes() < grown - 200 * 1024 * 1024
+
+
+def test_time_calls_runs_warmup_then_times_each_call():
+    calls = []
+    times = time_calls(lambda: calls.append(1), repeats=7, warmup=3)
+    assert len(calls) == 10 and times.shape == (7,) and (times >= 0).all()
+
+
+def test_latency_summary_percentiles():
+    out = latency_summary(np.arange(1, 101, dtype=float))
+    assert out["latency_ms_p50"] == pytest.approx(50.5)
+    assert out["latency_ms_p95"] == pytest.approx(95.05)

@@ -1,0 +1,52 @@
+import pytest
+
+from lowbit.errors import LowbitError
+from lowbit.report import build_summary, markdown_report, pareto_front, write_report
+
+
+def record(accuracy, weight_bytes):
+    return {"metrics": {"accuracy": accuracy, "weight_bytes": weight_bytes, "f1_macro": accuracy, "ece": 0.05,
+                        "disk_bytes": weight_bytes, "bits_per_param": 8 * weight_bytes / 100,
+                        "latency_ms_p50": 1.0, "latency_ms_p95": 2.0, "throughput_samples_s": 10.0}}
+
+
+RECORDS = {
+    "fp32": record(0.900, 400),
+    "ptq_int8_dynamic": record(0.895, 120),     # within 1 point, smaller: recommended
+    "ptq_nf4": record(0.870, 70),               # smallest but 3 points down
+    "half_fp16": record(0.890, 200),            # dominated by ptq_int8_dynamic
+}
+
+
+def test_accuracy_delta_in_points_and_report_order():
+    summary = build_summary(RECORDS, max_accuracy_drop=1.0)
+    rows = {r["variant"]: r["metrics"] for r in summary["rows"]}
+    assert rows["ptq_nf4"]["accuracy_delta"] == pytest.approx(-3.0)
+    assert [r["variant"] for r in summary["rows"]] == ["fp32", "half_fp16", "ptq_int8_dynamic", "ptq_nf4"]
+
+
+def test_pareto_front_excludes_dominated_variants():
+    rows = build_summary(RECORDS, 1.0)["rows"]
+    assert pareto_front(rows) == {"fp32", "ptq_int8_dynamic", "ptq_nf4"}
+
+
+def test_recommendation_is_smallest_within_the_allowed_drop():
+    assert build_summary(RECORDS, 1.0)["recommendation"]["variant"] == "ptq_int8_dynamic"
+    assert build_summary(RECORDS, 5.0)["recommendation"]["variant"] == "ptq_nf4"
+    rec = build_summary(RECORDS, 0.0)["recommendation"]
+    assert rec["variant"] == "fp32" and rec["weight_ratio_vs_fp32"] == 1.0
+
+
+def test_report_without_baseline_is_explained():
+    with pytest.raises(LowbitError, match="no metrics for the fp32 baseline"):
+        build_summary({"ptq_nf4": RECORDS["ptq_nf4"]}, 1.0)
+
+
+def test_written_report_has_table_plot_and_json(tmp_path):
+    summary = build_summary(RECORDS, 1.0)
+    write_report(summary, tmp_path)
+    text = (tmp_path / "summary.md").read_text()
+    assert "| ptq_int8_dynamic | 0.8950 | -0.50 |" in text
+    assert "**Recommended: ptq_int8_dynamic**" in text and "30.0% of fp32 weight bytes" in text
+    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert markdown_report(summary) == text

@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+
+from lowbit.builtin_data import generate_reviews
+from lowbit.config import ModelParams, TrainParams
+from lowbit.models import load_classifier, load_tokenizer
+from lowbit.train import make_loader, predict_logits, train
+from tests.tiny_model import tiny_classifier_dir
+
+MODEL = ModelParams(name="tiny", trust_remote_code=False, max_length=32)
+
+
+def frames():
+    frame = generate_reviews(360, seed=1)
+    frame["label"] = frame["label"].map({"negative": 0, "neutral": 1, "positive": 2})
+    return frame.iloc[:300].reset_index(drop=True), frame.iloc[300:].reset_index(drop=True)
+
+
+def cfg(**overrides) -> TrainParams:
+    base = dict(epochs=4, learning_rate=5e-3, batch_size=16, warmup_ratio=0.1, weight_decay=0.0, max_grad_norm=1.0, seed=0)
+    return TrainParams(**(base | overrides))
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    path = tiny_classifier_dir(tmp_path / "tiny")
+    return load_classifier(str(path), MODEL), load_tokenizer(str(path), MODEL)
+
+
+def test_training_lowers_the_loss_and_restores_the_best_validation_epoch(tiny):
+    model, tokenizer = tiny
+    train_frame, val_frame = frames()
+    result = train(model, tokenizer, train_frame, val_frame, cfg(), max_length=32)
+    losses = [h["train_loss"] for h in result.history]
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.1
+    best = max(result.history, key=lambda h: h["val_accuracy"])
+    assert (result.best_epoch, result.best_val_accuracy) == (best["epoch"], best["val_accuracy"])
+    logits, labels = predict_logits(model, make_loader(tokenizer, val_frame, 64, 32))
+    assert float((logits.argmax(-1) == labels).mean()) == pytest.approx(result.best_val_accuracy)
+    assert result.train_samples_s > 0
+
+
+def test_training_is_reproducible_for_a_seed(tmp_path):
+    outs = []
+    for run in range(2):
+        path = tiny_classifier_dir(tmp_path / f"tiny{run}")
+        model, tokenizer = load_classifier(str(path), MODEL), load_tokenizer(str(path), MODEL)
+        train_frame, val_frame = frames()
+        train(model, tokenizer, train_frame, val_frame, cfg(epochs=1), max_length=32)
+        outs.append(predict_logits(model, make_loader(tokenizer, val_frame, 64, 32))[0])
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
