@@ -133,15 +133,15 @@ class Splits:
 def prepare_splits(data: DataParams, prep: PrepareParams) -> Splits:
     report = CleanReport()
     frame = clean(load_source(data.source, data), report)
-    if data.max_rows is not None and len(frame) > data.max_rows:
-        frame = frame.sample(n=data.max_rows, random_state=data.seed).reset_index(drop=True)
-        report.notes.append(f"sampled {data.max_rows} rows (data.max_rows)")
     test = None
     if data.test_source:
         test = clean(load_source(data.test_source, data, "data.test_source"), report)
         overlap = frame["text"].isin(set(test["text"]))
         report.dropped_test_overlap = int(overlap.sum())
         frame = frame[~overlap].reset_index(drop=True)
+    if data.max_rows is not None and len(frame) > data.max_rows:
+        report.notes.append(f"sampled {data.max_rows} of {len(frame)} usable rows (data.max_rows)")
+        frame = frame.sample(n=data.max_rows, random_state=data.seed).reset_index(drop=True)
     labels = label_names(pd.concat([frame["label"], test["label"]]) if test is not None else frame["label"], data.source)
     frame = encode_labels(frame, labels)
     if test is None:
