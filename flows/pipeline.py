@@ -2,10 +2,11 @@
 
 Run: lowbit run        (or: python -m flows.pipeline)
 
-    prepare ──> baseline ──> evaluate ──> report ──> track, push
+    prepare ──> baseline ──> ptq ──┐
+                   └──────> qat ──┴──> evaluate ──> report ──> track, push
 
 Each box is a dvc.yaml stage run by `stage_task` (skipped when DVC says it is up
-to date). The ptq, qat, lora and qlora branches join between baseline and evaluate.
+to date). Independent branches run concurrently on Prefect's task runner.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from lowbit.config import load_params
 from lowbit.io import read_json
 from lowbit.stages import RESULT_FILE, Paths
 from lowbit.tracking import Tracker
+
+
+BRANCHES = ("ptq", "qat")  # independent of each other, all downstream of baseline
 
 
 @task(name="stage", task_run_name="{stage}")
@@ -43,6 +47,8 @@ def pipeline(root: str = ".", force: bool = False, overrides: tuple[str, ...] = 
         outcomes = {"prepare": stage_task(paths.root, "prepare", force)}
         tracker.tag("lowbit.data_hash", outcomes["prepare"]["result"]["data_hash"])
         outcomes["baseline"] = stage_task(paths.root, "baseline", force)
+        branches = {name: stage_task.submit(paths.root, name, force) for name in BRANCHES}
+        outcomes |= {name: future.result() for name, future in branches.items()}
         outcomes["evaluate"] = stage_task(paths.root, "evaluate", force)
         outcomes["report"] = stage_task(paths.root, "report", force)
         track_results(tracker, paths, outcomes)

@@ -19,7 +19,7 @@ from lowbit.config import load_params, write_overrides
 from lowbit.errors import LowbitError
 from lowbit.stages import Paths, quiet_libraries
 
-STAGES = ("prepare", "baseline", "evaluate", "report")
+STAGES = ("prepare", "baseline", "ptq", "qat", "evaluate", "report")
 
 
 def main(argv: list[str] | None = None) -> int:

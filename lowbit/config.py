@@ -15,7 +15,7 @@ import hashlib
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -61,6 +61,25 @@ class TrainParams(Section):
     seed: int
 
 
+SchemeName = Literal["half_bf16", "half_fp16", "int8_weight_only", "int8_dynamic", "int8_static", "nf4", "int8_bnb"]
+ObserverName = Literal["minmax", "percentile", "mse", "entropy"]
+
+
+class PTQParams(Section):
+    schemes: list[SchemeName]
+    observers: list[ObserverName] = Field(min_length=1)
+    percentile: float = Field(gt=50.0, lt=100.0)
+    calib_rows: int = Field(ge=1)
+    calib_batch_size: int = Field(ge=1)
+    quantize_embeddings: bool
+    skip_modules: list[str]
+    sensitivity: bool
+
+
+class QATParams(TrainParams):
+    observer_freeze_fraction: float = Field(ge=0.0, le=1.0)
+
+
 class EvaluateParams(Section):
     batch_size: int = Field(ge=1, le=4096)
     latency_samples: int = Field(ge=5)
@@ -84,6 +103,8 @@ class Params(Section):
     data: DataParams
     prepare: PrepareParams
     baseline: TrainParams
+    ptq: PTQParams
+    qat: QATParams
     evaluate: EvaluateParams
     report: ReportParams
     tracking: TrackingParams

@@ -22,10 +22,12 @@ from transformers import PreTrainedTokenizerBase
 from lowbit.config import EvaluateParams, ModelParams
 from lowbit.io import read_json
 from lowbit.measure import (
-    bits_per_param, disk_bytes, latency_summary, peak_rss_bytes, reset_peak_rss, time_calls, weight_bytes,
+    bits_per_param, disk_bytes, latency_summary, peak_rss_bytes, quantized_weight_stats, reset_peak_rss, time_calls,
+    weight_bytes,
 )
 from lowbit.models import param_counts
 from lowbit.variants import CARD, load_variant
+import lowbit.quant.schemes  # noqa: F401,E402  (registers the int8 and bnb loaders)
 from lowbit.metrics import load_metric
 from lowbit.train import make_loader
 
@@ -107,6 +109,7 @@ def evaluate_saved_variant(
     model, tokenizer = load_variant(model_dir, model_params)
     _, total = param_counts(model)
     held = weight_bytes(model)
+    quantized_params, quantized_bytes = quantized_weight_stats(model)
     metrics = evaluate_model(model, tokenizer, test_frame, params, model_params.max_length)
     card = read_json(model_dir / CARD)
     metrics |= {
@@ -114,6 +117,8 @@ def evaluate_saved_variant(
         "disk_bytes": disk_bytes(model_dir),
         "total_params": total,
         "bits_per_param": bits_per_param(held, total),
+        "quantized_params": quantized_params,
+        "quantized_bits_per_param": bits_per_param(quantized_bytes, quantized_params) if quantized_params else None,
         "peak_rss_bytes": peak_rss_bytes(),
         "stage_seconds": time.perf_counter() - started,
     }

@@ -43,9 +43,40 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def _extra_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
-    """Tensors a module holds outside parameters/buffers (quantized-module hooks register here)."""
+    """Tensors a module holds outside parameters/buffers: packed int8 kernels' weights
+    (lowbit_extra_tensors) and bitsandbytes' quantization state (NF4 block scales, LLM.int8 row scales)."""
     hook = getattr(module, "lowbit_extra_tensors", None)
-    return list(hook()) if callable(hook) else []
+    tensors = list(hook()) if callable(hook) else []
+    for param in module.parameters(recurse=False):
+        tensors += _bnb_state_tensors(param)
+    return tensors
+
+
+def _bnb_state_tensors(param: torch.Tensor) -> list[torch.Tensor]:
+    state = getattr(param, "quant_state", None)
+    tensors = [t for t in state.as_dict(packed=True).values() if torch.is_tensor(t)] if state is not None else []
+    scb = getattr(param, "SCB", None)
+    return tensors + ([scb] if torch.is_tensor(scb) else [])
+
+
+def quantized_weight_stats(model: torch.nn.Module) -> tuple[int, int]:
+    """(quantized weight count, bytes they occupy with their scales) over int8 and bitsandbytes layers.
+
+    `quantized_bits_per_param` = 8 × bytes / count: the storage cost of one quantized
+    weight (about 4.13 for NF4 with double quantization at block size 64, 8.25 for int8 per row).
+    """
+    count = held = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if hasattr(module, "weight_int8") or hasattr(module, "_packed"):
+            q = module.int8_weight() if hasattr(module, "int8_weight") else module.weight_int8
+            count += q.numel()
+            held += q.numel() + module.weight_scale.numel() * module.weight_scale.element_size()
+        elif weight is not None and (getattr(weight, "quant_state", None) is not None or torch.is_tensor(getattr(weight, "SCB", None))):
+            state = getattr(weight, "quant_state", None)
+            count += int(torch.Size(state.shape).numel()) if state is not None else weight.numel()
+            held += weight.untyped_storage().nbytes() + sum(t.numel() * t.element_size() for t in _bnb_state_tensors(weight))
+    return count, held
 
 
 def bits_per_param(weight_bytes_: int, total_params: int) -> float:

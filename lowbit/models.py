@@ -81,8 +81,19 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_d
 
 
 def param_counts(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared tensors counted once."""
+    """(trainable, total) parameter counts, shared tensors counted once.
+
+    `total` counts logical weights whatever their storage: an int8 layer's weights
+    (held as buffers) and a 4-bit layer's weights (packed two per byte) count one
+    each, so every variant of one architecture has the same total.
+    """
     seen: dict[int, torch.nn.Parameter] = {id(p): p for p in model.parameters()}
-    total = sum(p.numel() for p in seen.values())
     trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    total = sum(_logical_numel(p) for p in seen.values())
+    total += sum(m.logical_params() for m in model.modules() if hasattr(m, "logical_params"))
     return trainable, total
+
+
+def _logical_numel(param: torch.Tensor) -> int:
+    state = getattr(param, "quant_state", None)  # bitsandbytes 4-bit: packed storage, original shape here
+    return int(torch.Size(state.shape).numel()) if state is not None else param.numel()

@@ -24,7 +24,7 @@ from lowbit.variants import BASELINE, order_key  # noqa: E402
 MIB = 1024 * 1024
 
 
-def build_summary(records: dict[str, dict], max_accuracy_drop: float) -> dict:
+def build_summary(records: dict[str, dict], max_accuracy_drop: float, sensitivity: list[dict] | None = None) -> dict:
     if BASELINE not in records:
         raise LowbitError(f"no metrics for the {BASELINE} baseline; the report compares every variant against it")
     base = records[BASELINE]["metrics"]
@@ -40,6 +40,7 @@ def build_summary(records: dict[str, dict], max_accuracy_drop: float) -> dict:
     best = min(eligible, key=lambda r: (r["metrics"]["weight_bytes"], -r["metrics"]["accuracy"]))
     return {
         "rows": rows,
+        "sensitivity": sensitivity or [],
         "recommendation": {
             "variant": best["variant"],
             "rule": f"smallest weight_bytes within {max_accuracy_drop:g} accuracy points of {BASELINE}",
@@ -64,7 +65,8 @@ def pareto_front(rows: list[dict]) -> set[str]:
 COLUMNS = [  # (header, metric, format)
     ("accuracy", "accuracy", "{:.4f}"), ("Δacc pts", "accuracy_delta", "{:+.2f}"), ("f1_macro", "f1_macro", "{:.4f}"),
     ("ece", "ece", "{:.4f}"), ("weight MiB", "weight_bytes", "mib"), ("disk MiB", "disk_bytes", "mib"),
-    ("bits/param", "bits_per_param", "{:.2f}"), ("p50 ms", "latency_ms_p50", "{:.2f}"),
+    ("bits/param", "bits_per_param", "{:.2f}"), ("q bits", "quantized_bits_per_param", "{:.2f}"),
+    ("p50 ms", "latency_ms_p50", "{:.2f}"),
     ("p95 ms", "latency_ms_p95", "{:.2f}"), ("samples/s", "throughput_samples_s", "{:.1f}"),
 ]
 
@@ -96,8 +98,13 @@ def markdown_report(summary: dict) -> str:
         f"{rec['accuracy_delta']:+.2f} accuracy points.",
         "",
         "Δacc pts = (accuracy − fp32 accuracy) × 100. bits/param = 8 × weight_bytes / total_params (derived). "
+        "q bits = storage bits per quantized weight, scales included. "
         "Latency: batch of 1; samples/s: evaluation batch. pareto: no variant is both more accurate and smaller.",
     ]
+    if summary.get("sensitivity"):
+        parts += ["", "Most quantization-sensitive layers (one layer int8 at a time, validation split; "
+                  "candidates for ptq.skip_modules):", "", "| layer | Δacc pts | Δloss |", "|---|---|---|"]
+        parts += [f"| {r['layer']} | {r['accuracy_delta']:+.2f} | {r['loss_delta']:+.4f} |" for r in summary["sensitivity"][:10]]
     if notes:
         parts += ["", "Notes:", *notes]
     return "\n".join(parts) + "\n"

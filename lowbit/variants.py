@@ -29,7 +29,7 @@ VARIANT_ORDER = [
     "ptq_nf4", "ptq_int8_bnb", "qat_int8", "lora", "lora_merged", "qlora", "qlora_merged",
 ]
 
-Loader = Callable[[Path, ModelParams], tuple[torch.nn.Module, PreTrainedTokenizerBase]]
+Loader = Callable[[Path, dict, ModelParams], tuple[torch.nn.Module, PreTrainedTokenizerBase]]
 LOADERS: dict[str, Loader] = {}
 
 
@@ -42,9 +42,10 @@ def register_loader(fmt: str) -> Callable[[Loader], Loader]:
 
 
 @register_loader("hf")
-def load_hf_classifier(path: Path, model: ModelParams):
-    """A plain transformers classifier directory (safetensors)."""
-    return load_classifier(str(path), model), load_tokenizer(str(path), model)
+def load_hf_classifier(path: Path, card: dict, model: ModelParams):
+    """A plain transformers classifier directory (safetensors), in the dtype it was saved in."""
+    dtype = getattr(torch, card.get("dtype", "float32"))
+    return load_classifier(str(path), model, dtype=dtype), load_tokenizer(str(path), model)
 
 
 def write_card(model_dir: Path, variant: str, fmt: str, stage: str, **info) -> None:
@@ -76,4 +77,4 @@ def load_variant(model_dir: Path, model: ModelParams):
     loader = LOADERS.get(card["format"])
     if loader is None:
         raise LowbitError(f"{model_dir / CARD}: unknown format {card['format']!r}; known: {', '.join(LOADERS)}")
-    return loader(model_dir, model)
+    return loader(model_dir, card, model)

@@ -1,0 +1,1 @@
+"""Quantization: affine maths, calibration observers, int8 modules, PTQ and QAT."""

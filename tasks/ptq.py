@@ -1,0 +1,76 @@
+"""ptq: calibrate on the calib split and quantize the FP32 baseline with every configured scheme.
+
+Run: python -m tasks.ptq   (dvc repro ptq; lowbit run)
+Reads params: ptq.*, model.*   Writes: models/ptq/<variant>/ (and reports/sensitivity.* if ptq.sensitivity)
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import pandas as pd
+
+from lowbit.config import Params
+from lowbit.errors import LowbitError
+from lowbit.io import atomic_dir, write_json
+from lowbit.measure import peak_rss_bytes, reset_peak_rss
+from lowbit.models import load_classifier, load_tokenizer
+from lowbit.quant.ptq import calibrate, linear_names, quantizable_layers
+from lowbit.quant.sensitivity import layer_sensitivity, write_sensitivity
+from lowbit.quant.schemes import SCHEMES, SchemeContext
+from lowbit.stages import RESULT_FILE, Paths, StageClock, stage_main
+from lowbit.train import make_loader
+
+
+def calib_batches(paths: Paths, params: Params) -> list:
+    calib = pd.read_parquet(paths.prepared / "calib.parquet")
+    if len(calib) < params.ptq.calib_rows:
+        raise LowbitError(
+            f"params.yaml: ptq.calib_rows: {params.ptq.calib_rows} asked, but the calib split has {len(calib)} rows; "
+            "lower ptq.calib_rows or raise prepare.calib_size"
+        )
+    tokenizer = load_tokenizer(str(paths.models / "baseline"), params.model)
+    rows = calib.iloc[: params.ptq.calib_rows]
+    return list(make_loader(tokenizer, rows, params.ptq.calib_batch_size, params.model.max_length))
+
+
+def run_sensitivity(params: Params, paths: Paths, batches: list, out_dir) -> list[dict]:
+    """One layer at a time (static int8, first configured observer), scored on the validation split."""
+    baseline = paths.models / "baseline"
+    model, tokenizer = load_classifier(str(baseline), params.model), load_tokenizer(str(baseline), params.model)
+    layers = quantizable_layers(model, params.ptq.skip_modules, params.ptq.quantize_embeddings)
+    ranges = calibrate(model, batches, linear_names(layers), params.ptq.observers[0], params.ptq.percentile)
+    val = pd.read_parquet(paths.prepared / "val.parquet")
+    rows = layer_sensitivity(model, layers, ranges, make_loader(tokenizer, val, params.evaluate.batch_size, params.model.max_length))
+    write_sensitivity(rows, out_dir)
+    return rows
+
+
+def run(params: Params, paths: Paths) -> dict:
+    clock = StageClock()
+    reset_peak_rss()
+    seconds, variants = {}, []
+    with atomic_dir(paths.models / "ptq") as out:
+        ctx = SchemeContext(
+            baseline_dir=paths.models / "baseline", out_root=out, model=params.model,
+            skip_modules=params.ptq.skip_modules, quantize_embeddings=params.ptq.quantize_embeddings,
+            observers=params.ptq.observers, percentile=params.ptq.percentile,
+            calib_batches=functools.cache(lambda: calib_batches(paths, params)),
+        )
+        for scheme in params.ptq.schemes:
+            started = time.perf_counter()
+            print(f"ptq: {scheme}", flush=True)
+            variants += SCHEMES[scheme](ctx)
+            seconds[f"{scheme}_seconds"] = time.perf_counter() - started
+        if params.ptq.sensitivity:
+            started = time.perf_counter()
+            run_sensitivity(params, paths, ctx.calib_batches(), out)
+            seconds["sensitivity_seconds"] = time.perf_counter() - started
+        result = {"variants": variants, **seconds, "peak_rss_bytes": peak_rss_bytes(), "stage_seconds": clock.seconds()}
+        write_json(out / RESULT_FILE, result)
+    return result
+
+
+if __name__ == "__main__":
+    stage_main("ptq", run)
