@@ -2,8 +2,10 @@
 
 Run: lowbit run        (or: python -m flows.pipeline)
 
-    prepare ──> baseline ──> ptq ──┐
-                   └──────> qat ──┴──> evaluate ──> report ──> track, push
+    prepare ──> baseline ──> ptq  ──┐
+       │           └──────> qat  ──┤
+       ├──────────────────> lora ──┼──> evaluate ──> report ──> track, push
+       └──────────────────> qlora ─┘
 
 Each box is a dvc.yaml stage run by `stage_task` (skipped when DVC says it is up
 to date). Independent branches run concurrently on Prefect's task runner.
@@ -14,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow, task
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.runtime import flow_run
 
 from flows.dvc_stages import push_outputs, run_stage
@@ -23,7 +26,10 @@ from lowbit.stages import RESULT_FILE, Paths
 from lowbit.tracking import Tracker
 
 
-BRANCHES = ("ptq", "qat")  # independent of each other, all downstream of baseline
+# Independent branches, run concurrently up to the task runner's width (`lowbit run --parallel N`):
+# ptq and qat start from the FP32 baseline, the adapters from the pretrained model.
+BASELINE_BRANCHES = ("ptq", "qat")
+ADAPTER_BRANCHES = ("lora", "qlora")
 
 
 @task(name="stage", task_run_name="{stage}")
@@ -46,9 +52,11 @@ def pipeline(root: str = ".", force: bool = False, overrides: tuple[str, ...] = 
     try:
         outcomes = {"prepare": stage_task(paths.root, "prepare", force)}
         tracker.tag("lowbit.data_hash", outcomes["prepare"]["result"]["data_hash"])
-        outcomes["baseline"] = stage_task(paths.root, "baseline", force)
-        branches = {name: stage_task.submit(paths.root, name, force) for name in BRANCHES}
-        outcomes |= {name: future.result() for name, future in branches.items()}
+        baseline = stage_task.submit(paths.root, "baseline", force)
+        adapters = {name: stage_task.submit(paths.root, name, force) for name in ADAPTER_BRANCHES}
+        outcomes["baseline"] = baseline.result()
+        quantized = {name: stage_task.submit(paths.root, name, force) for name in BASELINE_BRANCHES}
+        outcomes |= {name: future.result() for name, future in (quantized | adapters).items()}
         outcomes["evaluate"] = stage_task(paths.root, "evaluate", force)
         outcomes["report"] = stage_task(paths.root, "report", force)
         track_results(tracker, paths, outcomes)
@@ -83,5 +91,11 @@ def track_results(tracker: Tracker, paths: Paths, outcomes: dict) -> None:
     ])
 
 
+def pipeline_with_parallelism(parallel: int):
+    """The flow with `parallel` stages at a time. 1 (the default) keeps timings clean on small
+    machines: concurrent training stages share cores and distort each other's figures."""
+    return pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=parallel))
+
+
 if __name__ == "__main__":
-    print(pipeline()["report"])
+    print(pipeline_with_parallelism(1)()["report"])

@@ -19,7 +19,7 @@ from lowbit.config import load_params, write_overrides
 from lowbit.errors import LowbitError
 from lowbit.stages import Paths, quiet_libraries
 
-STAGES = ("prepare", "baseline", "ptq", "qat", "evaluate", "report")
+STAGES = ("prepare", "baseline", "ptq", "qat", "lora", "qlora", "evaluate", "report")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("-P", "--param", action="append", default=[], metavar="KEY=VALUE",
                      help="set a param in params.yaml before running (recorded in MLflow), e.g. -P baseline.epochs=2")
     run.add_argument("--force", action="store_true", help="rerun every stage even if DVC says it is up to date")
+    run.add_argument("--parallel", type=int, default=1, metavar="N",
+                     help="independent stages run at once (default 1: clean timings on small machines)")
     stage = sub.add_parser("stage", help="run one stage in this process (what dvc.yaml's cmd does)")
     stage.add_argument("name", choices=STAGES)
     sub.add_parser("check", help="validate params.yaml")
@@ -51,9 +53,12 @@ def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
     else:
         load_params(paths.params)  # fail on bad params before starting Prefect
     quiet_libraries()
-    from flows.pipeline import pipeline  # Prefect import is slow: only for `run`
+    if args.parallel < 1:
+        raise LowbitError(f"--parallel {args.parallel}: must be 1 or more")
+    from flows.pipeline import pipeline_with_parallelism  # Prefect import is slow: only for `run`
 
-    outcome = pipeline(root=str(paths.root), force=args.force, overrides=tuple(args.param))
+    flow = pipeline_with_parallelism(args.parallel)
+    outcome = flow(root=str(paths.root), force=args.force, overrides=tuple(args.param))
     print()
     print(outcome["report"])
     ran = ", ".join(outcome["ran"]) or "nothing (all stages up to date)"

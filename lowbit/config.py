@@ -80,6 +80,24 @@ class QATParams(TrainParams):
     observer_freeze_fraction: float = Field(ge=0.0, le=1.0)
 
 
+class LoraParams(TrainParams):
+    r: int = Field(ge=1, le=1024)
+    alpha: float = Field(gt=0.0)
+    dropout: float = Field(ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"]
+    bias: Literal["none", "all", "lora_only"]
+
+
+class QLoraParams(LoraParams):
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"]
+    gradient_checkpointing: bool
+    requantize_merged: Literal["none", "nf4", "int8"]
+
+
+class ExportParams(Section):
+    max_merge_drop: float = Field(ge=0.0, le=100.0)
+
+
 class EvaluateParams(Section):
     batch_size: int = Field(ge=1, le=4096)
     latency_samples: int = Field(ge=5)
@@ -105,6 +123,9 @@ class Params(Section):
     baseline: TrainParams
     ptq: PTQParams
     qat: QATParams
+    lora: LoraParams
+    qlora: QLoraParams
+    export: ExportParams
     evaluate: EvaluateParams
     report: ReportParams
     tracking: TrackingParams

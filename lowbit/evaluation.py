@@ -27,6 +27,7 @@ from lowbit.measure import (
 )
 from lowbit.models import param_counts
 from lowbit.variants import CARD, load_variant
+import lowbit.adapters  # noqa: F401,E402  (registers the peft loader)
 import lowbit.quant.schemes  # noqa: F401,E402  (registers the int8 and bnb loaders)
 from lowbit.metrics import load_metric
 from lowbit.train import make_loader

@@ -10,7 +10,7 @@ and in the optional `on_step` hook (QAT freezes its observers there).
 
 from __future__ import annotations
 
-import copy
+import gc
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from lowbit.config import TrainParams
+from lowbit.measure import peak_rss_bytes, reset_peak_rss
 
 
 def progress_disabled() -> bool | None:
@@ -69,12 +70,32 @@ def predict_logits(model: torch.nn.Module, loader: DataLoader) -> tuple[np.ndarr
     return np.concatenate(logits), np.concatenate(labels)
 
 
+def trained_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What training changes: trainable parameters and buffers (e.g. QAT observer ranges).
+
+    Frozen (possibly 4-bit) base weights are left out: they do not change, and a
+    quantized state dict cannot be loaded back through load_state_dict."""
+    tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return tensors | dict(model.named_buffers())
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: t.detach().clone() for n, t in trained_tensors(model).items()}
+
+
+@torch.no_grad()
+def restore(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    for name, tensor in trained_tensors(model).items():
+        tensor.copy_(state[name])
+
+
 @dataclass
 class TrainResult:
     best_epoch: int
     best_val_accuracy: float
     train_samples_s: float
     train_seconds: float
+    peak_rss_bytes: int          # peak resident memory while training (model, activations, optimizer state)
     history: list[dict] = field(default_factory=list)
 
 
@@ -83,6 +104,8 @@ def train(
     cfg: TrainParams, max_length: int, optimizer_factory: Callable | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
+    gc.collect()
+    reset_peak_rss()  # training memory only: what loading the model took is not counted
     seed_everything(cfg.seed)
     loader = make_loader(tokenizer, train_frame, cfg.batch_size, max_length, shuffle=True, seed=cfg.seed)
     val_loader = make_loader(tokenizer, val_frame, cfg.batch_size * 2, max_length)
@@ -116,7 +139,7 @@ def train(
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": val_accuracy})
         if val_accuracy > best[0]:
             best = (val_accuracy, epoch)
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            best_state = snapshot(model)
     if best[1] != cfg.epochs:
-        model.load_state_dict(best_state)
-    return TrainResult(best[1], best[0], samples / seconds, seconds, history)
+        restore(model, best_state)
+    return TrainResult(best[1], best[0], samples / seconds, seconds, peak_rss_bytes(), history)

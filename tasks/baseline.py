@@ -10,7 +10,6 @@ import pandas as pd
 
 from lowbit.config import Params
 from lowbit.io import atomic_dir, read_json, write_json
-from lowbit.measure import peak_rss_bytes, reset_peak_rss
 from lowbit.models import load_classifier, load_tokenizer, param_counts, resolve_model, save_model
 from lowbit.stages import RESULT_FILE, Paths, StageClock, stage_main
 from lowbit.train import train
@@ -19,7 +18,6 @@ from lowbit.variants import write_card
 
 def run(params: Params, paths: Paths) -> dict:
     clock = StageClock()
-    reset_peak_rss()
     labels = read_json(paths.prepared / "meta.json")["labels"]
     source = resolve_model(params.model.name)
     tokenizer = load_tokenizer(source, params.model)
@@ -38,7 +36,7 @@ def run(params: Params, paths: Paths) -> dict:
         "train_seconds": fit.train_seconds,
         "trainable_params": trainable,
         "total_params": total,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": fit.peak_rss_bytes,
     }
     with atomic_dir(paths.models / "baseline") as out:
         save_model(model, tokenizer, out)

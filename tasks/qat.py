@@ -12,7 +12,6 @@ import pandas as pd
 
 from lowbit.config import Params
 from lowbit.io import atomic_dir, write_json
-from lowbit.measure import peak_rss_bytes, reset_peak_rss
 from lowbit.models import load_classifier, load_tokenizer, param_counts
 from lowbit.quant.ptq import quantizable_layers
 from lowbit.quant.qat import convert_qat, freeze_observers, prepare_qat
@@ -23,7 +22,6 @@ from lowbit.train import train
 
 def run(params: Params, paths: Paths) -> dict:
     clock = StageClock()
-    reset_peak_rss()
     baseline = paths.models / "baseline"
     model, tokenizer = load_classifier(str(baseline), params.model), load_tokenizer(str(baseline), params.model)
     train_frame = pd.read_parquet(paths.prepared / "train.parquet")
@@ -39,7 +37,7 @@ def run(params: Params, paths: Paths) -> dict:
     result = {
         "variant": "qat_int8", "best_epoch": fit.best_epoch, "best_val_accuracy": fit.best_val_accuracy,
         "history": fit.history, "train_samples_s": fit.train_samples_s, "train_seconds": fit.train_seconds,
-        "observers_frozen_at_step": freeze_at, "trainable_params": trainable, "peak_rss_bytes": peak_rss_bytes(),
+        "observers_frozen_at_step": freeze_at, "trainable_params": trainable, "peak_rss_bytes": fit.peak_rss_bytes,
     }
     with atomic_dir(paths.models / "qat") as out:
         notes = [f"fake-quantized fine-tune from fp32 ({params.qat.epochs} epoch(s)); observers frozen at step {freeze_at}"]

@@ -23,6 +23,15 @@ TINY = {
     "model.max_length": 32,
     "baseline.epochs": 1,
     "baseline.batch_size": 16,
+    "ptq.schemes": ["half_bf16", "int8_dynamic", "int8_static", "nf4"],
+    "ptq.observers": ["minmax"],
+    "ptq.calib_rows": 32,
+    "qat.batch_size": 16,
+    "lora.epochs": 1,
+    "lora.batch_size": 16,
+    "qlora.epochs": 1,
+    "qlora.batch_size": 16,
+    "export.max_merge_drop": 100.0,  # a 1-epoch adapter on 200 rows is noise: the drop check has its own test
     "evaluate.latency_samples": 5,
     "evaluate.warmup_batches": 1,
 }

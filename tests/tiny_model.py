@@ -10,11 +10,12 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 from lowbit.models import resolve_model
 
 
-def tiny_classifier_dir(root: Path, num_labels: int = 3, seed: int = 0) -> Path:
+def tiny_classifier_dir(root: Path, num_labels: int = 3, seed: int = 0, init_std: float = 0.02) -> Path:
+    """init_std > 0.02 makes frozen random features depend on the input (adapter tests need that)."""
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=128, num_labels=num_labels,
+        max_position_embeddings=128, num_labels=num_labels, initializer_range=init_std,
     )
     model = BertForSequenceClassification(config)
     model.save_pretrained(root, safe_serialization=True)

@@ -61,18 +61,27 @@ def test_dvc_repro_and_the_flow_share_one_lock_and_rerun_only_what_changed(tiny_
     assert parent.data.tags["lowbit.prefect_flow_run_id"] not in ("", "None")
     assert parent.info.status == "FINISHED"
     child = [c for c in children if c.data.tags["mlflow.parentRunId"] == parent.info.run_id]
-    assert [c.data.tags["lowbit.variant"] for c in child] == ["fp32"]
-    latest = read_json(root / "metrics" / "fp32.json")["metrics"]
-    assert child[0].data.metrics["accuracy"] == pytest.approx(latest["accuracy"])
-    assert child[0].data.metrics["accuracy_delta"] == 0.0
-    assert child[0].data.params["baseline.epochs"] == "1"
-    assert "train_samples_s" in child[0].data.metrics and "train_peak_rss_bytes" in child[0].data.metrics
+    by_variant = {c.data.tags["lowbit.variant"]: c for c in child}
+    assert set(by_variant) == {"fp32", "half_bf16", "ptq_int8_dynamic", "ptq_int8_static_minmax", "ptq_nf4", "qat_int8",
+                               "lora", "lora_merged", "qlora", "qlora_merged"}
+    for variant, run in by_variant.items():
+        latest = read_json(root / "metrics" / f"{variant}.json")["metrics"]
+        assert run.data.metrics["accuracy"] == pytest.approx(latest["accuracy"])
+        assert run.data.metrics["weight_bytes"] == latest["weight_bytes"]
+    fp32, qat = by_variant["fp32"], by_variant["qat_int8"]
+    assert fp32.data.metrics["accuracy_delta"] == 0.0
+    assert fp32.data.params["baseline.epochs"] == "1" and qat.data.params["qat.observer_freeze_fraction"] == "0.5"
+    assert "train_samples_s" in fp32.data.metrics and "train_peak_rss_bytes" in fp32.data.metrics
+    assert by_variant["ptq_int8_dynamic"].data.metrics["weight_bytes"] < 0.3 * fp32.data.metrics["weight_bytes"]
+    lora = by_variant["lora"].data.metrics
+    assert lora["trainable_params"] < 0.01 * lora["total_params"] and lora["disk_bytes"] < 2 * 2**20  # adapter only
+    assert by_variant["qlora"].data.params["qlora.compute_dtype"] == "auto"
 
 
 def test_flow_from_scratch_then_a_bad_source_fails_cleanly_and_loses_nothing(tiny_project):
     root = tiny_project
     first = pipeline(root=str(root))
-    assert first["ran"] == ["prepare", "baseline", "evaluate", "report"]
+    assert first["ran"] == ["prepare", "baseline", "ptq", "qat", "lora", "qlora", "evaluate", "report"]
     assert dvc_clean(root)
     assert any((root / ".dvc-remote").rglob("*")), "outputs were pushed to the local DVC remote"
     prepared, baseline = sha256_tree(root / "data" / "prepared"), sha256_tree(root / "models" / "baseline")

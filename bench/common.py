@@ -1,0 +1,70 @@
+"""Shared benchmark plumbing: an SST-2 project per seed, stages run as their dvc.yaml commands.
+
+Data: ../shared/data/sst2 (Socher et al., 2013). Training: 4,000 rows sampled with
+seed 0 (data.max_rows 4445 less a 10% validation split), 1 epoch, max length 64.
+Test: 872 dev rows sampled with seed 0 (the size of GLUE's SST-2 dev set, as in
+the reference HF scripts). Each stage runs in its own process (`python -m tasks.X`),
+so peak RSS figures are that stage's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+SST2 = REPO.parent / "shared" / "data" / "sst2"
+WORK = REPO / "bench" / ".work"
+TEST_ROWS = 872
+
+
+def require_sst2() -> None:
+    if not (SST2 / "train.tsv").is_file():
+        sys.exit(f"SST-2 not found at {SST2}; the benchmarks need ../shared/data/sst2")
+
+
+def dev_sample(root: Path) -> Path:
+    path = root / "dev872.tsv"
+    frame = pd.read_csv(SST2 / "dev.tsv", sep="\t", quoting=3)
+    frame.sample(n=TEST_ROWS, random_state=0).to_csv(path, sep="\t", index=False, quoting=3)
+    return path
+
+
+def make_project(name: str, seed: int, overrides: list[str]) -> Path:
+    from lowbit.config import write_overrides
+
+    root = WORK / f"{name}-seed{seed}"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    shutil.copy2(REPO / "params.yaml", root / "params.yaml")
+    sst2 = [
+        f"data.source={SST2 / 'train.tsv'}", f"data.test_source={dev_sample(root)}", "data.text_column=sentence",
+        "data.label_column=label", "data.max_rows=4445", "data.seed=0", "prepare.val_fraction=0.1",
+        "model.max_length=64", "baseline.epochs=1", f"baseline.seed={seed}",
+        "evaluate.latency_samples=100", "evaluate.batch_size=64",
+    ]
+    write_overrides(root / "params.yaml", sst2 + overrides)
+    return root
+
+
+def run_stage(root: Path, stage: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO), CI="1")
+    subprocess.run([sys.executable, "-m", f"tasks.{stage}"], cwd=root, env=env, check=True, stdout=subprocess.DEVNULL)
+    from lowbit.stages import Paths
+
+    return json.loads(Paths(root).result(stage).read_text())
+
+
+def variant_metrics(root: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in (root / "metrics").glob("*.json") if not p.stem.startswith("lowbit")}
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}

@@ -1,0 +1,76 @@
+"""PEFT benchmark on SST-2: full fine-tune vs LoRA vs QLoRA, 3 seeds, JSON out.
+
+Run: python bench/peft.py [--seeds 0 1 2] [--out bench/results/peft.json]   (about 7 minutes a seed here)
+
+Per method: accuracy mean±std, training wall time, training peak RSS (each stage in
+its own process, peak reset after the model is loaded), trainable parameter share.
+`targets` checks the goals of issue 4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from bench.common import make_project, mean_std, require_sst2, run_stage, variant_metrics
+
+METHODS = {"full": ("baseline", "fp32"), "lora": ("lora", "lora"), "qlora": ("qlora", "qlora")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    require_sst2()
+    runs: dict[str, list[dict]] = {m: [] for m in METHODS}
+    merged: dict[str, list[float]] = {"lora_merged": [], "qlora_merged": []}
+    for seed in args.seeds:
+        root = make_project("peft", seed, ["ptq.schemes=[]", "lora.epochs=1", "qlora.epochs=1",
+                                           f"lora.seed={seed}", f"qlora.seed={seed}"])
+        run_stage(root, "prepare")
+        trained = {method: run_stage(root, stage) for method, (stage, _) in METHODS.items()}
+        run_stage(root, "evaluate")
+        metrics = variant_metrics(root)
+        for method, (_, variant) in METHODS.items():
+            runs[method].append({"accuracy": metrics[variant]["metrics"]["accuracy"], **trained[method]})
+        for name in merged:
+            merged[name].append(metrics[name]["metrics"]["accuracy"])
+    summary = {
+        method: {
+            "accuracy": mean_std([r["accuracy"] for r in rs]),
+            "train_seconds": statistics.fmean(r["train_seconds"] for r in rs),
+            "train_peak_rss_bytes": statistics.fmean(r["peak_rss_bytes"] for r in rs),
+            "trainable_share": rs[0]["trainable_params"] / rs[0]["total_params"],
+            "optimizer": rs[0].get("optimizer", "AdamW"),
+            "compute_dtype": rs[0].get("compute_dtype", "float32"),
+        }
+        for method, rs in runs.items()
+    }
+    summary |= {name: {"accuracy": mean_std(values)} for name, values in merged.items()}
+    acc = {m: summary[m]["accuracy"]["mean"] for m in METHODS}
+    rss = {m: summary[m]["train_peak_rss_bytes"] for m in METHODS}
+    result = {
+        "benchmark": "peft", "data": "SST-2: 4,000 train rows (seed 0), 1 epoch, max length 64, 872 dev rows",
+        "seeds": args.seeds, "torch": torch.__version__, "cuda": torch.cuda.is_available(), "methods": summary,
+        "targets": {
+            "lora_accuracy_ge_0.787": acc["lora"] >= 0.787,
+            "qlora_accuracy_ge_0.792": acc["qlora"] >= 0.792,
+            "qlora_within_1_point_of_lora": abs(acc["qlora"] - acc["lora"]) * 100 <= 1.0,
+            "train_peak_rss_qlora_lt_lora_lt_full": rss["qlora"] < rss["lora"] < rss["full"],
+            "lora_trainable_share_lt_1pct": summary["lora"]["trainable_share"] < 0.01,
+        },
+    }
+    text = json.dumps(result, indent=2)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

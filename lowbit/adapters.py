@@ -1,0 +1,177 @@
+"""LoRA and QLoRA through PEFT and bitsandbytes: construction, merge-aware export, loading.
+
+LoRA:  W = W0 + (alpha / r) · B · A, with W0 [d×k] frozen, B [d×r] zero-initialised and
+       A [r×k] trained; the classification head is trained in full (`modules_to_save`).
+QLoRA: W0 held in 4-bit NF4 with double-quantized block scales (bitsandbytes), the
+       matmul computed in bf16/fp16, adapters in full precision.
+
+    model = lora_model(base, params.lora)                       # PEFT-wrapped, only adapters + head trainable
+    model = lora_model(load_4bit_base(...), params.qlora)       # QLoRA
+    merged = merged_model(peft_model, fp32_base)                # W0 (dequantized for QLoRA) + (alpha/r)·B·A
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
+from torch import nn
+from transformers import BitsAndBytesConfig
+
+from lowbit.config import LoraParams, ModelParams, QLoraParams
+from lowbit.errors import LowbitError
+from lowbit.io import read_json
+from lowbit.models import load_classifier, load_tokenizer, resolve_model
+from lowbit.variants import register_loader
+
+HEAD = ["classifier"]  # BERT-style sequence classifiers; kept out of 4-bit and trained in full
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+
+
+def lora_config(params: LoraParams) -> LoraConfig:
+    return LoraConfig(
+        task_type=TaskType.SEQ_CLS, r=params.r, lora_alpha=params.alpha, lora_dropout=params.dropout,
+        target_modules=params.target_modules, bias=params.bias, modules_to_save=HEAD,
+    )
+
+
+def lora_model(base: nn.Module, params: LoraParams, section: str = "lora") -> PeftModel:
+    if params.target_modules != "all-linear":
+        names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+        if not names & set(params.target_modules):
+            raise LowbitError(
+                f"params.yaml: {section}.target_modules: {params.target_modules} match no layer of the model; "
+                f"its linear layers are: {', '.join(linear_layer_names(base))} (or use all-linear)"
+            )
+    return get_peft_model(base, lora_config(params))
+
+
+def compute_dtype(params: QLoraParams) -> tuple[torch.dtype, str]:
+    """The dtype 4-bit matmuls compute in, and why.
+
+    `auto` takes bf16 where the hardware multiplies bf16 natively (CUDA with bf16, or
+    a CPU whose oneDNN reports bf16 support: AMX / AVX512-BF16); elsewhere fp32, since
+    emulated bf16 matmuls measured 35x slower than fp32 on a CPU without them.
+    """
+    if params.compute_dtype != "auto":
+        return getattr(torch, params.compute_dtype), "set by qlora.compute_dtype"
+    if torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "auto: CUDA device with bf16"
+        return torch.float16, "auto: CUDA device without bf16"
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16, "auto: CPU with native bf16 matmuls"
+    return torch.float32, "auto: this CPU has no native bf16 matmul (emulated bf16 is far slower)"
+
+
+def nf4_config(dtype: torch.dtype) -> BitsAndBytesConfig:
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=HEAD,
+    )
+
+
+def load_4bit_base(source: str, model: ModelParams, labels: list[str], params: QLoraParams) -> nn.Module:
+    """The pretrained model with every Linear but the head in NF4, ready for k-bit training."""
+    from lowbit.quant.schemes import require_bitsandbytes
+
+    require_bitsandbytes()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = load_classifier(source, model, labels, quantization_config=nf4_config(compute_dtype(params)[0]), device_map=device)
+    return prepare_model_for_kbit_training(base, use_gradient_checkpointing=params.gradient_checkpointing)
+
+
+def optimizer_choice(params: LoraParams) -> tuple[str, str, object]:
+    """(name, why, factory): a paged 8-bit AdamW on CUDA, plain AdamW on CPU (paged optimizers need CUDA)."""
+    if torch.cuda.is_available():
+        import bitsandbytes as bnb
+
+        factory = lambda ps: bnb.optim.PagedAdamW8bit(ps, lr=params.learning_rate, weight_decay=params.weight_decay)  # noqa: E731
+        return "PagedAdamW8bit", "CUDA available: paged 8-bit optimizer states", factory
+    factory = lambda ps: torch.optim.AdamW(ps, lr=params.learning_rate, weight_decay=params.weight_decay)  # noqa: E731
+    return "AdamW", "no CUDA: bitsandbytes paged optimizers need a GPU", factory
+
+
+def dequantized_4bit_weights(peft_model: PeftModel) -> dict[str, torch.Tensor]:
+    """{module name in the plain model: fp32 weight} for every 4-bit layer: exactly the W0 QLoRA trained against."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    weights = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            plain = name.removeprefix("base_model.model.").removesuffix(".base_layer")
+            weights[plain] = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state).float().cpu()
+    return weights
+
+
+def merged_model(adapter_dir: Path, base: nn.Module, base_weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Merge a saved adapter into an fp32 base: W0 + (alpha/r)·B·A, head from the adapter.
+
+    `base_weights` replaces W0 first (QLoRA: the dequantized NF4 weights), so that the
+    merge adds the adapters to the weights they were trained with.
+    """
+    with torch.no_grad():
+        for name, weight in (base_weights or {}).items():
+            base.get_submodule(name).weight.copy_(weight)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+
+@register_loader("peft")
+def load_adapter_model(path: Path, card: dict, model: ModelParams):
+    """A saved adapter on its base: the fp32 pretrained model (LoRA) or the same in NF4 (QLoRA)."""
+    labels = card["labels"]
+    source = resolve_model(card["base_model"])
+    check_adapter_base(path, card)
+    if card.get("base_quantization") == "nf4":
+        from lowbit.quant.schemes import require_bitsandbytes
+
+        require_bitsandbytes()
+        base = load_classifier(source, model, labels, quantization_config=nf4_config(getattr(torch, card["compute_dtype"])),
+                               device_map=card.get("device", "cpu"))
+    else:
+        base = load_classifier(source, model, labels)
+    return PeftModel.from_pretrained(base, str(path)).eval(), load_tokenizer(str(path), model)
+
+
+def check_adapter_base(path: Path, card: dict) -> None:
+    config = read_json(path / "adapter_config.json")
+    recorded = config.get("base_model_name_or_path")
+    expected = resolve_model(card["base_model"])
+    if recorded and Path(recorded).resolve() != Path(expected).resolve() and recorded != card["base_model"]:
+        raise LowbitError(
+            f"{path}: this adapter was trained on base {recorded!r}, but its card says {card['base_model']!r} "
+            f"({expected}); train it again on that base (lowbit run) or point model.name at {recorded!r}"
+        )
+
+
+def accuracy_on(model: nn.Module, loader) -> float:
+    from lowbit.train import predict_logits
+
+    logits, labels = predict_logits(model, loader)
+    return float((logits.argmax(-1) == labels).mean())
+
+
+def requantize(merged: nn.Module, tokenizer, out: Path, variant: str, stage: str, how: str, info: dict) -> None:
+    """Save the merged model as fp32 (`none`), NF4 (bitsandbytes) or int8 (lowbit, dynamic W8A8)."""
+    from lowbit.models import save_model
+    from lowbit.quant.ptq import quantizable_layers, quantize_int8
+    from lowbit.quant.schemes import save_int8
+    from lowbit.variants import write_card
+
+    if how == "int8":
+        layout = quantize_int8(merged, "dynamic", quantizable_layers(merged, HEAD, embeddings=True))
+        save_int8(merged, tokenizer, out, variant, layout, ["adapters merged, then int8 (dynamic)"], stage=stage, **info)
+        return
+    save_model(merged, tokenizer, out)
+    if how == "nf4":
+        nf4 = load_classifier(str(out), ModelParams(name=str(out), trust_remote_code=False, max_length=8),
+                              quantization_config=nf4_config(torch.bfloat16), device_map="cpu")
+        save_model(nf4, tokenizer, out)
+        write_card(out, variant, "bnb", stage, device="cpu", notes=["adapters merged, then NF4 (bitsandbytes)"], **info)
+        return
+    write_card(out, variant, "hf", stage, notes=["adapters merged into fp32 weights"], **info)

@@ -1,0 +1,23 @@
+"""lora: LoRA adapters on the frozen pretrained model (PEFT); exports the adapter and a merged copy.
+
+Run: python -m tasks.lora   (dvc repro lora; lowbit run)
+Reads params: lora.*, export.*, model.*   Writes: models/lora/adapter, models/lora/merged
+"""
+
+from __future__ import annotations
+
+from lowbit.adapter_stage import run_adapter_stage
+from lowbit.config import Params
+from lowbit.models import load_classifier
+from lowbit.stages import Paths, stage_main
+
+
+def run(params: Params, paths: Paths) -> dict:
+    return run_adapter_stage(
+        "lora", params.lora, params, paths,
+        build_base=lambda source, labels: load_classifier(source, params.model, labels),
+    )
+
+
+if __name__ == "__main__":
+    stage_main("lora", run)
