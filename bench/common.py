@@ -9,6 +9,7 @@ so peak RSS figures are that stage's own.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -68,3 +69,19 @@ def variant_metrics(root: Path) -> dict[str, dict]:
 
 def mean_std(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def parse_args(doc: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    return parser.parse_args()
+
+
+def emit(result: dict, out: Path | None) -> None:
+    """Print the benchmark's JSON (and save it to `out`)."""
+    text = json.dumps(result, indent=2)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    print(text)

@@ -3,29 +3,24 @@
 Run: python bench/peft.py [--seeds 0 1 2] [--out bench/results/peft.json]   (about 7 minutes a seed here)
 
 Per method: accuracy mean±std, training wall time, training peak RSS (each stage in
-its own process, peak reset after the model is loaded), trainable parameter share.
+its own process, peak reset after the model is loaded), train_state_bytes (weights +
+gradients + optimizer state, summed over tensors), trainable parameter share.
 `targets` checks the goals of issue 4.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-from pathlib import Path
 
 import torch
 
-from bench.common import make_project, mean_std, require_sst2, run_stage, variant_metrics
+from bench.common import emit, make_project, mean_std, parse_args, require_sst2, run_stage, variant_metrics
 
 METHODS = {"full": ("baseline", "fp32"), "lora": ("lora", "lora"), "qlora": ("qlora", "qlora")}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = parse_args(__doc__)
     require_sst2()
     runs: dict[str, list[dict]] = {m: [] for m in METHODS}
     merged: dict[str, list[float]] = {"lora_merged": [], "qlora_merged": []}
@@ -45,6 +40,7 @@ def main() -> None:
             "accuracy": mean_std([r["accuracy"] for r in rs]),
             "train_seconds": statistics.fmean(r["train_seconds"] for r in rs),
             "train_peak_rss_bytes": statistics.fmean(r["peak_rss_bytes"] for r in rs),
+            "train_state_bytes": statistics.fmean(r["train_state_bytes"] for r in rs),
             "trainable_share": rs[0]["trainable_params"] / rs[0]["total_params"],
             "optimizer": rs[0].get("optimizer", "AdamW"),
             "compute_dtype": rs[0].get("compute_dtype", "float32"),
@@ -54,6 +50,7 @@ def main() -> None:
     summary |= {name: {"accuracy": mean_std(values)} for name, values in merged.items()}
     acc = {m: summary[m]["accuracy"]["mean"] for m in METHODS}
     rss = {m: summary[m]["train_peak_rss_bytes"] for m in METHODS}
+    state = {m: summary[m]["train_state_bytes"] for m in METHODS}
     result = {
         "benchmark": "peft", "data": "SST-2: 4,000 train rows (seed 0), 1 epoch, max length 64, 872 dev rows",
         "seeds": args.seeds, "torch": torch.__version__, "cuda": torch.cuda.is_available(), "methods": summary,
@@ -62,14 +59,11 @@ def main() -> None:
             "qlora_accuracy_ge_0.792": acc["qlora"] >= 0.792,
             "qlora_within_1_point_of_lora": abs(acc["qlora"] - acc["lora"]) * 100 <= 1.0,
             "train_peak_rss_qlora_lt_lora_lt_full": rss["qlora"] < rss["lora"] < rss["full"],
+            "train_state_bytes_qlora_lt_lora_lt_full": state["qlora"] < state["lora"] < state["full"],
             "lora_trainable_share_lt_1pct": summary["lora"]["trainable_share"] < 0.01,
         },
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

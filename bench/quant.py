@@ -10,15 +10,12 @@ figures against the goals of issue 3.
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import statistics
-from pathlib import Path
 
 import torch
 
-from bench.common import make_project, mean_std, require_sst2, run_stage, variant_metrics
+from bench.common import emit, make_project, mean_std, parse_args, require_sst2, run_stage, variant_metrics
 
 
 def summarise(per_seed: list[dict[str, dict]]) -> dict:
@@ -65,10 +62,7 @@ def targets(v: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = parse_args(__doc__)
     require_sst2()
     per_seed, stage_seconds = [], []
     for seed in args.seeds:
@@ -83,11 +77,7 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "stage_seconds": stage_seconds, "variants": variants, "targets": targets(variants),
     }
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -148,7 +148,9 @@ def prepare_splits(data: DataParams, prep: PrepareParams) -> Splits:
         frame, test = stratified_split(frame, prep.test_fraction, data.seed, "prepare.test_fraction")
     else:
         test = encode_labels(test, labels)
-    train, val = stratified_split(frame, prep.val_fraction / (1 - (0 if data.test_source else prep.test_fraction)), data.seed, "prepare.val_fraction")
+    # Fractions are shares of all rows, so val takes its share of what the test split left.
+    remaining = 1.0 if data.test_source else 1.0 - prep.test_fraction
+    train, val = stratified_split(frame, prep.val_fraction / remaining, data.seed, "prepare.val_fraction")
     if prep.calib_size > len(train):
         raise LowbitError(f"params.yaml: prepare.calib_size: {prep.calib_size} exceeds the {len(train)} training rows; lower it")
     calib = train.sample(n=prep.calib_size, random_state=data.seed).reset_index(drop=True)

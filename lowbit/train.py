@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from lowbit.config import TrainParams
-from lowbit.measure import peak_rss_bytes, reset_peak_rss
+from lowbit.measure import peak_rss_bytes, reset_peak_rss, weight_bytes
 
 
 def progress_disabled() -> bool | None:
@@ -89,6 +89,13 @@ def restore(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
         tensor.copy_(state[name])
 
 
+def training_state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held by the model (as measure.weight_bytes counts them), its gradients and the optimizer state."""
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    states = sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
+    return weight_bytes(model) + grads + states
+
+
 @dataclass
 class TrainResult:
     best_epoch: int
@@ -96,6 +103,7 @@ class TrainResult:
     train_samples_s: float
     train_seconds: float
     peak_rss_bytes: int          # peak resident memory while training (model, activations, optimizer state)
+    train_state_bytes: int       # weights + gradients + optimizer state, summed over the tensors at the last step
     history: list[dict] = field(default_factory=list)
 
 
@@ -127,6 +135,7 @@ def train(
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             schedule.step()
+            state_bytes = training_state_bytes(model, optimizer)
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             samples += len(batch["labels"])
@@ -142,4 +151,4 @@ def train(
             best_state = snapshot(model)
     if best[1] != cfg.epochs:
         restore(model, best_state)
-    return TrainResult(best[1], best[0], samples / seconds, seconds, peak_rss_bytes(), history)
+    return TrainResult(best[1], best[0], samples / seconds, seconds, peak_rss_bytes(), state_bytes, history)

@@ -36,7 +36,7 @@ def run(params: Params, paths: Paths) -> dict:
         "train_seconds": fit.train_seconds,
         "trainable_params": trainable,
         "total_params": total,
-        "peak_rss_bytes": fit.peak_rss_bytes,
+        "peak_rss_bytes": fit.peak_rss_bytes, "train_state_bytes": fit.train_state_bytes,
     }
     with atomic_dir(paths.models / "baseline") as out:
         save_model(model, tokenizer, out)

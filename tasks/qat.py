@@ -37,7 +37,7 @@ def run(params: Params, paths: Paths) -> dict:
     result = {
         "variant": "qat_int8", "best_epoch": fit.best_epoch, "best_val_accuracy": fit.best_val_accuracy,
         "history": fit.history, "train_samples_s": fit.train_samples_s, "train_seconds": fit.train_seconds,
-        "observers_frozen_at_step": freeze_at, "trainable_params": trainable, "peak_rss_bytes": fit.peak_rss_bytes,
+        "observers_frozen_at_step": freeze_at, "trainable_params": trainable, "peak_rss_bytes": fit.peak_rss_bytes, "train_state_bytes": fit.train_state_bytes,
     }
     with atomic_dir(paths.models / "qat") as out:
         notes = [f"fake-quantized fine-tune from fp32 ({params.qat.epochs} epoch(s)); observers frozen at step {freeze_at}"]

@@ -6,7 +6,6 @@ A plain HF script reaches 0.818 on similar data; lowbit must reach at least 0.80
 
 from pathlib import Path
 
-import pytest
 
 from lowbit.config import load_params
 from lowbit.stages import Paths

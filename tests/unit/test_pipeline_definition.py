@@ -1,6 +1,5 @@
 """dvc.yaml, params.yaml, tasks/ and the CLI must agree on stage names and params."""
 
-from pathlib import Path
 
 import yaml
 

@@ -1,6 +1,5 @@
 """PTQ and QAT on a tiny BERT: real int8 storage, reload gives the same predictions, QAT converts faithfully."""
 
-import pandas as pd
 import pytest
 import torch
 
@@ -10,7 +9,7 @@ from lowbit.errors import LowbitError
 from lowbit.measure import quantized_weight_stats, weight_bytes
 from lowbit.models import load_classifier, load_tokenizer, param_counts
 from lowbit.quant.modules import Int8Linear
-from lowbit.quant.ptq import calibrate, linear_names, quantizable_layers, quantize_int8
+from lowbit.quant.ptq import calibrate, quantizable_layers
 from lowbit.quant.qat import FakeQuantLinear, convert_qat, freeze_observers, prepare_qat
 from lowbit.quant.schemes import SCHEMES, SchemeContext
 from lowbit.train import make_loader, predict_logits, train
