@@ -129,3 +129,18 @@ def test_an_adapter_from_another_base_is_refused(tiny_dir, tmp_path):
     card = {"base_model": str(tiny_dir), "labels": LABELS}
     with pytest.raises(LowbitError, match="trained on base '/models/some-other-bert'"):
         check_adapter_base(tmp_path / "adapter", card)
+
+
+def test_a_merge_that_costs_more_than_allowed_fails_with_the_figures(monkeypatch, params):
+    import lowbit.adapter_stage as stage
+
+    scores = iter([0.90, 0.85])  # adapter model, then the merged copy reloaded from disk
+    monkeypatch.setattr(stage, "accuracy_on", lambda model, loader: next(scores))
+    monkeypatch.setattr(stage, "load_variant", lambda path, model: (None, None))
+    with pytest.raises(LowbitError) as err:
+        stage.merge_check(object(), None, params, [], "qlora")
+    message = str(err.value)
+    assert "merging cost 5.00 validation accuracy points (0.9000 -> 0.8500)" in message
+    assert "export.max_merge_drop=1" in message and "qlora.requantize_merged: none" in message
+    scores = iter([0.90, 0.895])
+    assert stage.merge_check(object(), None, params, [], "lora")["merge_accuracy_drop"] == pytest.approx(0.5)
