@@ -4,8 +4,9 @@
     write_report(summary, Path("reports"))
 
 `accuracy_delta` = (variant accuracy − fp32 accuracy) × 100, in points.
-The recommendation is the variant with the smallest `weight_bytes` whose accuracy is
-within `max_accuracy_drop` points of fp32 (ties: higher accuracy).
+The recommendation is the variant with the smallest `weight_bytes` (sizes within 1% are
+a tie) whose accuracy is within `max_accuracy_drop` points of fp32; among ties the most
+accurate, then the fastest at batch 1.
 """
 
 from __future__ import annotations
@@ -36,18 +37,28 @@ def build_summary(records: dict[str, dict], max_accuracy_drop: float, sensitivit
     front = pareto_front(rows)
     for row in rows:
         row["pareto"] = row["variant"] in front
-    eligible = [r for r in rows if r["metrics"]["accuracy_delta"] >= -max_accuracy_drop]
-    best = min(eligible, key=lambda r: (r["metrics"]["weight_bytes"], -r["metrics"]["accuracy"]))
+    best = recommend(rows, max_accuracy_drop)
     return {
         "rows": rows,
         "sensitivity": sensitivity or [],
         "recommendation": {
             "variant": best["variant"],
-            "rule": f"smallest weight_bytes within {max_accuracy_drop:g} accuracy points of {BASELINE}",
+            "rule": f"smallest weight_bytes (±{SAME_SIZE:.0%}) within {max_accuracy_drop:g} accuracy points of {BASELINE}, "
+                    "then the most accurate, then the fastest",
             "weight_ratio_vs_fp32": best["metrics"]["weight_bytes"] / base["weight_bytes"],
             "accuracy_delta": best["metrics"]["accuracy_delta"],
         },
     }
+
+
+SAME_SIZE = 0.01  # sizes this close are a tie: a few hundred bytes of scales should not outrank accuracy
+
+
+def recommend(rows: list[dict], max_accuracy_drop: float) -> dict:
+    eligible = [r for r in rows if r["metrics"]["accuracy_delta"] >= -max_accuracy_drop]
+    smallest = min(r["metrics"]["weight_bytes"] for r in eligible)
+    tied = [r for r in eligible if r["metrics"]["weight_bytes"] <= smallest * (1 + SAME_SIZE)]
+    return max(tied, key=lambda r: (r["metrics"]["accuracy"], -r["metrics"]["latency_ms_p50"]))
 
 
 def pareto_front(rows: list[dict]) -> set[str]:

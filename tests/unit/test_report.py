@@ -50,3 +50,17 @@ def test_written_report_has_table_plot_and_json(tmp_path):
     assert "**Recommended: ptq_int8_dynamic**" in text and "30.0% of fp32 weight bytes" in text
     assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert markdown_report(summary) == text
+
+
+def test_near_equal_sizes_tie_and_the_more_accurate_then_faster_variant_wins():
+    records = {
+        "fp32": record(0.900, 400_000),
+        "ptq_int8_weight_only": record(0.899, 100_000),
+        "ptq_int8_static_percentile": record(0.905, 100_600),   # 0.6% larger: its activation scales
+        "ptq_int8_static_entropy": record(0.905, 100_500),
+    }
+    records["ptq_int8_static_entropy"]["metrics"]["latency_ms_p50"] = 0.5
+    assert build_summary(records, 1.0)["recommendation"]["variant"] == "ptq_int8_static_entropy"
+    records["ptq_int8_static_percentile"]["metrics"]["weight_bytes"] = 102_000  # 2% larger: no longer a tie
+    records["ptq_int8_static_entropy"]["metrics"]["weight_bytes"] = 102_000
+    assert build_summary(records, 1.0)["recommendation"]["variant"] == "ptq_int8_weight_only"
