@@ -2,6 +2,7 @@
 
     lowbit run [-P baseline.epochs=2 ...] [--force]   run the Prefect flow (stages DVC says changed)
     lowbit stage prepare                              run one stage in this process
+    lowbit sensitivity                                quantize one layer at a time, write reports/sensitivity.*
     lowbit check                                      validate params.yaml and exit
     lowbit show                                       print the last report
 """
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="independent stages run at once (default 1: clean timings on small machines)")
     stage = sub.add_parser("stage", help="run one stage in this process (what dvc.yaml's cmd does)")
     stage.add_argument("name", choices=STAGES)
+    sub.add_parser("sensitivity", help="per-layer int8 sensitivity of models/baseline on the validation split")
     sub.add_parser("check", help="validate params.yaml")
     sub.add_parser("show", help="print the last report (reports/summary.md)")
     args = parser.parse_args(argv)
@@ -74,6 +76,21 @@ def cmd_stage(args: argparse.Namespace, paths: Paths) -> int:
     return 0
 
 
+def cmd_sensitivity(args: argparse.Namespace, paths: Paths) -> int:
+    """Needs models/baseline and data/prepared (run `lowbit run` first); writes reports/sensitivity.*."""
+    params = load_params(paths.params)
+    if not (paths.models / "baseline").is_dir():
+        raise LowbitError(f"{paths.models / 'baseline'} not found; run `lowbit run` (or `dvc repro baseline`) first")
+    quiet_libraries()
+    from tasks.ptq import calib_batches, run_sensitivity
+
+    rows = run_sensitivity(params, paths, calib_batches(paths, params), paths.reports)
+    for row in rows[:10]:
+        print(f"{row['layer']:55s} Δacc {row['accuracy_delta']:+6.2f} pts   Δloss {row['loss_delta']:+.4f}")
+    print(f"all {len(rows)} layers: {paths.reports / 'sensitivity.md'}, {paths.reports / 'sensitivity.png'}")
+    return 0
+
+
 def cmd_check(args: argparse.Namespace, paths: Paths) -> int:
     params = load_params(paths.params)
     print(f"{paths.params}: ok (params hash {params.digest()[:12]})")
@@ -88,7 +105,7 @@ def cmd_show(args: argparse.Namespace, paths: Paths) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "stage": cmd_stage, "check": cmd_check, "show": cmd_show}
+COMMANDS = {"run": cmd_run, "stage": cmd_stage, "sensitivity": cmd_sensitivity, "check": cmd_check, "show": cmd_show}
 
 if __name__ == "__main__":
     sys.exit(main())
