@@ -62,7 +62,7 @@ def run_adapter_stage(section: str, cfg: LoraParams, params: Params, paths: Path
         base_weights = dequantized_4bit_weights(model) if quantized else None
         merged = merged_model(out / "adapter", load_classifier(source, params.model, labels), base_weights)
         how = cfg.requantize_merged if quantized else "none"
-        requantize(merged, tokenizer, out / "merged", f"{section}_merged", section, how, {"training": result})
+        requantize(merged, tokenizer, out / "merged", f"{section}_merged", section, how, params.model, {"training": result})
         result |= merge_check(model, out / "merged", params, val_loader, section)
         result["stage_seconds"] = clock.seconds()
         write_json(out / RESULT_FILE, result)

@@ -22,8 +22,11 @@ from transformers import BitsAndBytesConfig
 from lowbit.config import LoraParams, ModelParams, QLoraParams
 from lowbit.errors import LowbitError
 from lowbit.io import read_json
-from lowbit.models import load_classifier, load_tokenizer, resolve_model
-from lowbit.variants import register_loader
+from lowbit.models import load_classifier, load_tokenizer, resolve_model, save_model
+from lowbit.quant.ptq import quantizable_layers, quantize_int8
+from lowbit.quant.schemes import require_bitsandbytes, save_int8
+from lowbit.train import predict_logits
+from lowbit.variants import register_loader, write_card
 
 HEAD = ["classifier"]  # BERT-style sequence classifiers; kept out of 4-bit and trained in full
 
@@ -77,8 +80,6 @@ def nf4_config(dtype: torch.dtype) -> BitsAndBytesConfig:
 
 def load_4bit_base(source: str, model: ModelParams, labels: list[str], params: QLoraParams) -> nn.Module:
     """The pretrained model with every Linear but the head in NF4, ready for k-bit training."""
-    from lowbit.quant.schemes import require_bitsandbytes
-
     require_bitsandbytes()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = load_classifier(source, model, labels, quantization_config=nf4_config(compute_dtype(params)[0]), device_map=device)
@@ -128,8 +129,6 @@ def load_adapter_model(path: Path, card: dict, model: ModelParams):
     source = resolve_model(card["base_model"])
     check_adapter_base(path, card)
     if card.get("base_quantization") == "nf4":
-        from lowbit.quant.schemes import require_bitsandbytes
-
         require_bitsandbytes()
         base = load_classifier(source, model, labels, quantization_config=nf4_config(getattr(torch, card["compute_dtype"])),
                                device_map=card.get("device", "cpu"))
@@ -150,27 +149,21 @@ def check_adapter_base(path: Path, card: dict) -> None:
 
 
 def accuracy_on(model: nn.Module, loader) -> float:
-    from lowbit.train import predict_logits
-
     logits, labels = predict_logits(model, loader)
     return float((logits.argmax(-1) == labels).mean())
 
 
-def requantize(merged: nn.Module, tokenizer, out: Path, variant: str, stage: str, how: str, info: dict) -> None:
+def requantize(
+    merged: nn.Module, tokenizer, out: Path, variant: str, stage: str, how: str, model: ModelParams, info: dict
+) -> None:
     """Save the merged model as fp32 (`none`), NF4 (bitsandbytes) or int8 (lowbit, dynamic W8A8)."""
-    from lowbit.models import save_model
-    from lowbit.quant.ptq import quantizable_layers, quantize_int8
-    from lowbit.quant.schemes import save_int8
-    from lowbit.variants import write_card
-
     if how == "int8":
         layout = quantize_int8(merged, "dynamic", quantizable_layers(merged, HEAD, embeddings=True))
         save_int8(merged, tokenizer, out, variant, layout, ["adapters merged, then int8 (dynamic)"], stage=stage, **info)
         return
     save_model(merged, tokenizer, out)
     if how == "nf4":
-        nf4 = load_classifier(str(out), ModelParams(name=str(out), trust_remote_code=False, max_length=8),
-                              quantization_config=nf4_config(torch.bfloat16), device_map="cpu")
+        nf4 = load_classifier(str(out), model, quantization_config=nf4_config(torch.bfloat16), device_map="cpu")
         save_model(nf4, tokenizer, out)
         write_card(out, variant, "bnb", stage, device="cpu", notes=["adapters merged, then NF4 (bitsandbytes)"], **info)
         return
