@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from lowbit.io import tree_bytes
+from lowbit.quant.modules import Int8Embedding, Int8Linear
 
 _PROC_STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -68,15 +69,20 @@ def quantized_weight_stats(model: torch.nn.Module) -> tuple[int, int]:
     count = held = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if hasattr(module, "weight_int8") or hasattr(module, "_packed"):
-            q = module.int8_weight() if hasattr(module, "int8_weight") else module.weight_int8
+        if isinstance(module, (Int8Linear, Int8Embedding)):
+            q = module.int8_weight() if isinstance(module, Int8Linear) else module.weight_int8
             count += q.numel()
             held += q.numel() + module.weight_scale.numel() * module.weight_scale.element_size()
-        elif weight is not None and (getattr(weight, "quant_state", None) is not None or torch.is_tensor(getattr(weight, "SCB", None))):
-            state = getattr(weight, "quant_state", None)
-            count += int(torch.Size(state.shape).numel()) if state is not None else weight.numel()
-            held += weight.untyped_storage().nbytes() + sum(t.numel() * t.element_size() for t in _bnb_state_tensors(weight))
+        elif torch.is_tensor(weight) and (state := _bnb_state_tensors(weight)):
+            count += logical_numel(weight)
+            held += weight.untyped_storage().nbytes() + sum(t.numel() * t.element_size() for t in state)
     return count, held
+
+
+def logical_numel(param: torch.Tensor) -> int:
+    """Weights a parameter stands for: bitsandbytes 4-bit packs two per byte and keeps the original shape aside."""
+    state = getattr(param, "quant_state", None)
+    return int(torch.Size(state.shape).numel()) if state is not None else param.numel()
 
 
 def bits_per_param(weight_bytes_: int, total_params: int) -> float:

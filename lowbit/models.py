@@ -15,6 +15,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from lowbit.config import ModelParams
 from lowbit.errors import LowbitError
 from lowbit.hub import require_hub
+from lowbit.measure import logical_numel
 
 OFFLINE_MODELS = "embedded:minilm-l6, or a local directory with config.json and model.safetensors"
 
@@ -89,11 +90,7 @@ def param_counts(model: torch.nn.Module) -> tuple[int, int]:
     """
     seen: dict[int, torch.nn.Parameter] = {id(p): p for p in model.parameters()}
     trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
-    total = sum(_logical_numel(p) for p in seen.values())
+    total = sum(logical_numel(p) for p in seen.values())
     total += sum(m.logical_params() for m in model.modules() if hasattr(m, "logical_params"))
     return trainable, total
 
-
-def _logical_numel(param: torch.Tensor) -> int:
-    state = getattr(param, "quant_state", None)  # bitsandbytes 4-bit: packed storage, original shape here
-    return int(torch.Size(state.shape).numel()) if state is not None else param.numel()
