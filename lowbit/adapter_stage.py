@@ -42,11 +42,9 @@ def run_adapter_stage(section: str, cfg: LoraParams, params: Params, paths: Path
                 params.model.max_length, optimizer_factory=factory)
     trainable, total = param_counts(model)
     result = {
-        "variant": section, "best_epoch": fit.best_epoch, "best_val_accuracy": fit.best_val_accuracy,
-        "history": fit.history, "train_samples_s": fit.train_samples_s, "train_seconds": fit.train_seconds,
+        "variant": section, **fit.figures(),
         "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
-        "peak_rss_bytes": fit.peak_rss_bytes, "train_state_bytes": fit.train_state_bytes, "cuda_peak_bytes": cuda_peak_bytes(), "optimizer": optimizer,
-        "optimizer_reason": why,
+        "cuda_peak_bytes": cuda_peak_bytes(), "optimizer": optimizer, "optimizer_reason": why,
     }
     card = {"base_model": params.model.name, "labels": labels, "training": result}
     if quantized:

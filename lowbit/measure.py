@@ -1,11 +1,16 @@
 """Measurements: memory held by a model, bytes on disk, peak RSS, latency, throughput.
 
-Every figure is measured. `bits_per_param` is derived, and says how:
-8 × weight_bytes / total_params (storage bits per parameter, scales included).
+Every figure is measured. Derived figures say how:
+- bits_per_param = 8 × weight_bytes / total_params (storage bits per parameter, scales included);
+- train_memory_bytes = weight_bytes of the model being trained + the RSS growth during
+  training (peak RSS − RSS at its start, after freed heap is handed back): the memory
+  training needs, without the libraries the process has imported.
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import resource
 import time
 from pathlib import Path
@@ -106,15 +111,34 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def release_free_heap() -> None:
+    """Hand freed heap back to the kernel, so RSS shows what is live rather than what the
+    allocator kept from earlier work (loading a model, quantizing it). glibc only; a
+    no-op elsewhere."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def current_rss_bytes() -> int:
+    return _status_kib("VmRSS:") * 1024
+
+
+def _status_kib(field: str) -> int:
+    for line in _PROC_STATUS.read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    raise OSError(f"{_PROC_STATUS} has no {field}")
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size since the last reset_peak_rss() (or process start)."""
     try:
-        for line in _PROC_STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+        return _status_kib("VmHWM:") * 1024
     except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def cuda_peak_bytes() -> int | None:

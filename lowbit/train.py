@@ -10,7 +10,6 @@ and in the optional `on_step` hook (QAT freezes its observers there).
 
 from __future__ import annotations
 
-import gc
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from lowbit.config import TrainParams
-from lowbit.measure import peak_rss_bytes, reset_peak_rss, weight_bytes
+from lowbit.measure import current_rss_bytes, peak_rss_bytes, release_free_heap, reset_peak_rss, weight_bytes
 
 
 def progress_disabled() -> bool | None:
@@ -102,9 +101,20 @@ class TrainResult:
     best_val_accuracy: float
     train_samples_s: float
     train_seconds: float
-    peak_rss_bytes: int          # peak resident memory while training (model, activations, optimizer state)
+    peak_rss_bytes: int          # peak resident memory of the process while training (libraries included)
+    peak_rss_growth_bytes: int   # that peak minus the RSS when training started: gradients, optimizer, activations
+    train_memory_bytes: int      # derived: weight_bytes of the trained model + peak_rss_growth_bytes
     train_state_bytes: int       # weights + gradients + optimizer state, summed over the tensors at the last step
     history: list[dict] = field(default_factory=list)
+
+    def figures(self) -> dict:
+        """What every training stage records in its result and MLflow (train_ prefix there)."""
+        return {
+            "best_epoch": self.best_epoch, "best_val_accuracy": self.best_val_accuracy, "history": self.history,
+            "train_samples_s": self.train_samples_s, "train_seconds": self.train_seconds,
+            "peak_rss_bytes": self.peak_rss_bytes, "peak_rss_growth_bytes": self.peak_rss_growth_bytes,
+            "train_memory_bytes": self.train_memory_bytes, "train_state_bytes": self.train_state_bytes,
+        }
 
 
 def train(
@@ -112,8 +122,9 @@ def train(
     cfg: TrainParams, max_length: int, optimizer_factory: Callable | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
-    gc.collect()
-    reset_peak_rss()  # training memory only: what loading the model took is not counted
+    release_free_heap()  # what loading the model took and then freed is not counted as training memory
+    reset_peak_rss()
+    start_rss = current_rss_bytes()
     seed_everything(cfg.seed)
     loader = make_loader(tokenizer, train_frame, cfg.batch_size, max_length, shuffle=True, seed=cfg.seed)
     val_loader = make_loader(tokenizer, val_frame, cfg.batch_size * 2, max_length)
@@ -151,4 +162,6 @@ def train(
             best_state = snapshot(model)
     if best[1] != cfg.epochs:
         restore(model, best_state)
-    return TrainResult(best[1], best[0], samples / seconds, seconds, peak_rss_bytes(), state_bytes, history)
+    growth = peak_rss_bytes() - start_rss
+    return TrainResult(best[1], best[0], samples / seconds, seconds, peak_rss_bytes(), growth,
+                       weight_bytes(model) + growth, state_bytes, history)

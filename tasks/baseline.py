@@ -27,17 +27,7 @@ def run(params: Params, paths: Paths) -> dict:
         params.baseline, params.model.max_length,
     )
     trainable, total = param_counts(model)
-    result = {
-        "variant": "fp32",
-        "best_epoch": fit.best_epoch,
-        "best_val_accuracy": fit.best_val_accuracy,
-        "history": fit.history,
-        "train_samples_s": fit.train_samples_s,
-        "train_seconds": fit.train_seconds,
-        "trainable_params": trainable,
-        "total_params": total,
-        "peak_rss_bytes": fit.peak_rss_bytes, "train_state_bytes": fit.train_state_bytes,
-    }
+    result = {"variant": "fp32", **fit.figures(), "trainable_params": trainable, "total_params": total}
     with atomic_dir(paths.models / "baseline") as out:
         save_model(model, tokenizer, out)
         write_card(out, "fp32", "hf", "baseline", base_model=params.model.name, training=result)

@@ -34,11 +34,7 @@ def run(params: Params, paths: Paths) -> dict:
     )
     trainable, total = param_counts(model)
     layout = convert_qat(model)
-    result = {
-        "variant": "qat_int8", "best_epoch": fit.best_epoch, "best_val_accuracy": fit.best_val_accuracy,
-        "history": fit.history, "train_samples_s": fit.train_samples_s, "train_seconds": fit.train_seconds,
-        "observers_frozen_at_step": freeze_at, "trainable_params": trainable, "peak_rss_bytes": fit.peak_rss_bytes, "train_state_bytes": fit.train_state_bytes,
-    }
+    result = {"variant": "qat_int8", **fit.figures(), "observers_frozen_at_step": freeze_at, "trainable_params": trainable}
     with atomic_dir(paths.models / "qat") as out:
         notes = [f"fake-quantized fine-tune from fp32 ({params.qat.epochs} epoch(s)); observers frozen at step {freeze_at}"]
         save_int8(model, tokenizer, out, "qat_int8", layout, notes, stage="qat", training=dict(result))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lowbit.measure import (
-    bits_per_param, disk_bytes, latency_summary, peak_rss_bytes, reset_peak_rss, time_calls, weight_bytes,
+    bits_per_param, current_rss_bytes, disk_bytes, latency_summary, peak_rss_bytes, release_free_heap, reset_peak_rss, time_calls, weight_bytes,
 )
 
 
@@ -47,6 +47,20 @@ def test_peak_rss_sees_an_allocation_and_reset_forgets_it():
     assert grown - base > 250 * 1024 * 1024
     reset_peak_rss()
     assert peak_rss_bytes() < grown - 200 * 1024 * 1024
+
+
+def test_release_free_heap_hands_freed_blocks_back_so_rss_shows_live_memory():
+    # ~190 MiB of heap blocks, each followed by a small live one, so free() alone cannot
+    # shrink the heap: the RSS stays up until the free blocks are handed back
+    blocks, pins = [], []
+    for _ in range(3000):
+        blocks.append(np.ones(64 * 1024 // 8))
+        pins.append(np.ones(1000))
+    grown = current_rss_bytes()
+    del blocks
+    assert current_rss_bytes() > grown - 50 * 1024 * 1024
+    release_free_heap()
+    assert current_rss_bytes() < grown - 150 * 1024 * 1024
 
 
 def test_time_calls_runs_warmup_then_times_each_call():

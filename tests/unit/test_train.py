@@ -3,6 +3,7 @@ import pytest
 
 from lowbit.builtin_data import generate_reviews
 from lowbit.config import ModelParams, TrainParams
+from lowbit.measure import weight_bytes
 from lowbit.models import load_classifier, load_tokenizer
 from lowbit.train import make_loader, predict_logits, train
 from tests.tiny_model import tiny_classifier_dir
@@ -38,6 +39,10 @@ def test_training_lowers_the_loss_and_restores_the_best_validation_epoch(tiny):
     logits, labels = predict_logits(model, make_loader(tokenizer, val_frame, 64, 32))
     assert float((logits.argmax(-1) == labels).mean()) == pytest.approx(result.best_val_accuracy)
     assert result.train_samples_s > 0
+    # memory: the derived figure is the trained weights plus the measured growth, and the
+    # process peak covers at least the start-of-training RSS (libraries and weights)
+    assert result.train_memory_bytes == weight_bytes(model) + result.peak_rss_growth_bytes
+    assert 0 <= result.peak_rss_growth_bytes < result.peak_rss_bytes
 
 
 def test_training_is_reproducible_for_a_seed(tmp_path):
