@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ruamel.yaml import YAML
 
 from lowbit.errors import LowbitError
@@ -77,7 +77,17 @@ class PTQParams(Section):
 
 
 class QATParams(TrainParams):
+    init_observer: Literal["ema"] | ObserverName
     observer_freeze_fraction: float = Field(ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def ema_ranges_need_steps_to_form(self) -> "QATParams":
+        if self.init_observer == "ema" and self.observer_freeze_fraction == 0.0:
+            raise ValueError(
+                "init_observer 'ema' takes its ranges from training batches, so observer_freeze_fraction must be > 0 "
+                "(or start from a calibration observer: minmax, percentile, mse, entropy)"
+            )
+        return self
 
 
 class LoraParams(TrainParams):
@@ -177,6 +187,8 @@ def describe_error(error: dict[str, Any], raw: dict[str, Any]) -> str:
         return f"{key}: unknown key; allowed keys here: {', '.join(allowed)}"
     if kind == "missing":
         return f"{key}: missing; add it to params.yaml"
+    if kind == "value_error":  # a check across keys of one section: the message names them
+        return f"{key}: {error['msg'].removeprefix('Value error, ')}"
     return f"{key}: {error['msg']} (got {error.get('input')!r})"
 
 

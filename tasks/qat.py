@@ -1,7 +1,8 @@
 """qat: fine-tune the FP32 baseline with fake-quantized weights and activations, then convert to real int8.
 
 Run: python -m tasks.qat   (dvc repro qat; lowbit run)
-Reads params: qat.*, ptq.skip_modules, ptq.quantize_embeddings, model.*   Writes: models/qat/
+Reads params: qat.*, ptq.skip_modules, ptq.quantize_embeddings, ptq.calib_rows, ptq.calib_batch_size,
+ptq.percentile, model.*   Writes: models/qat/
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import pandas as pd
 from lowbit.config import Params
 from lowbit.io import atomic_dir, write_json
 from lowbit.models import load_classifier, load_tokenizer, param_counts
-from lowbit.quant.ptq import quantizable_layers
+from lowbit.quant.ptq import calibrate, linear_names, quantizable_layers
 from lowbit.quant.qat import convert_qat, freeze_observers, prepare_qat
 from lowbit.quant.schemes import save_int8
 from lowbit.stages import RESULT_FILE, Paths, StageClock, stage_main
 from lowbit.train import train
+from tasks.ptq import calib_batches
 
 
 def run(params: Params, paths: Paths) -> dict:
@@ -25,18 +27,28 @@ def run(params: Params, paths: Paths) -> dict:
     baseline = paths.models / "baseline"
     model, tokenizer = load_classifier(str(baseline), params.model), load_tokenizer(str(baseline), params.model)
     train_frame = pd.read_parquet(paths.prepared / "train.parquet")
-    prepare_qat(model, quantizable_layers(model, params.ptq.skip_modules, params.ptq.quantize_embeddings))
-    total_steps = params.qat.epochs * math.ceil(len(train_frame) / params.qat.batch_size)
-    freeze_at = max(1, int(params.qat.observer_freeze_fraction * total_steps))
+    layers = quantizable_layers(model, params.ptq.skip_modules, params.ptq.quantize_embeddings)
+    cfg = params.qat
+    ranges = None
+    if cfg.init_observer != "ema":
+        ranges = calibrate(model, calib_batches(paths, params), linear_names(layers), cfg.init_observer, params.ptq.percentile)
+    prepare_qat(model, layers, ranges)
+    total_steps = cfg.epochs * math.ceil(len(train_frame) / cfg.batch_size)
+    freeze_at = int(cfg.observer_freeze_fraction * total_steps)
+    if freeze_at == 0:
+        freeze_observers(model)
     fit = train(
-        model, tokenizer, train_frame, pd.read_parquet(paths.prepared / "val.parquet"), params.qat,
+        model, tokenizer, train_frame, pd.read_parquet(paths.prepared / "val.parquet"), cfg,
         params.model.max_length, on_step=lambda step: step == freeze_at and freeze_observers(model),
     )
     trainable, total = param_counts(model)
     layout = convert_qat(model)
-    result = {"variant": "qat_int8", **fit.figures(), "observers_frozen_at_step": freeze_at, "trainable_params": trainable}
+    result = {"variant": "qat_int8", **fit.figures(), "init_observer": cfg.init_observer,
+              "observers_frozen_at_step": freeze_at, "trainable_params": trainable}
     with atomic_dir(paths.models / "qat") as out:
-        notes = [f"fake-quantized fine-tune from fp32 ({params.qat.epochs} epoch(s)); observers frozen at step {freeze_at}"]
+        start = "training batches (EMA)" if ranges is None else f"{cfg.init_observer} calibration"
+        notes = [f"fake-quantized fine-tune from fp32 ({cfg.epochs} epoch(s)); activation ranges from {start}, "
+                 f"frozen at step {freeze_at} of {total_steps}"]
         save_int8(model, tokenizer, out, "qat_int8", layout, notes, stage="qat", training=dict(result))
         result["stage_seconds"] = clock.seconds()
         write_json(out / RESULT_FILE, result)

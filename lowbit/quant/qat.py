@@ -1,15 +1,19 @@
 """Quantization-aware training: fake-quantize while fine-tuning, then convert to real int8.
 
     layers = quantizable_layers(model, skip=["classifier"], embeddings=True)
-    prepare_qat(model, layers)          # nn.Linear -> FakeQuantLinear, nn.Embedding -> FakeQuantEmbedding
+    ranges = calibrate(model, calib_batches, linear_names(layers), "percentile")   # optional
+    prepare_qat(model, layers, ranges)  # nn.Linear -> FakeQuantLinear, nn.Embedding -> FakeQuantEmbedding
     train(model, ..., on_step=lambda s: s == freeze_at and freeze_observers(model))
     layout = convert_qat(model)         # -> Int8Linear("static") / Int8Embedding, same format as static PTQ
 
 Weights are fake-quantized exactly as Int8Linear stores them (int8, symmetric, per
 output channel); activations at each linear's input and output per tensor (7-bit,
-asymmetric) with ranges from exponential-moving-average min/max observers that
-update during the first part of training and then freeze. torch.fake_quantize_*
-pass gradients straight through inside the range (straight-through estimator).
+asymmetric). Activation ranges either start from a PTQ calibration and stay fixed (the
+default: BERT's rare outlier activations stretch min/max ranges, and a percentile or
+entropy range avoids that, exactly as in static PTQ), or follow an exponential moving
+average of each batch's min/max for the first part of training and then freeze.
+torch.fake_quantize_* pass gradients straight through inside the range (straight-through
+estimator), so the weights learn to live with the fixed grids.
 """
 
 from __future__ import annotations
@@ -54,6 +58,11 @@ class RangeObserver(nn.Module):
         scale, zero_point = qparams(self.low, self.high, ACTIVATION, symmetric=False)
         return float(scale), int(zero_point)
 
+    def start_from(self, scale: float, zero_point: int) -> None:
+        """Take a calibrated range: the grid's ends, so that qparams() gives back the same pair."""
+        self.low.fill_((ACTIVATION.q_min - zero_point) * scale)
+        self.high.fill_((ACTIVATION.q_max - zero_point) * scale)
+
 
 class FakeQuantLinear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
@@ -84,9 +93,18 @@ class FakeQuantEmbedding(nn.Module):
         return Int8Embedding.from_float(self.embedding)
 
 
-def prepare_qat(model: nn.Module, layers: dict[str, nn.Module]) -> None:
+def prepare_qat(model: nn.Module, layers: dict[str, nn.Module], ranges: dict | None = None) -> None:
+    """Swap in fake-quantized modules; `ranges` (from ptq.calibrate) sets their activation ranges."""
     for name, module in layers.items():
-        set_module(model, name, FakeQuantEmbedding(module) if isinstance(module, nn.Embedding) else FakeQuantLinear(module))
+        if isinstance(module, nn.Embedding):
+            set_module(model, name, FakeQuantEmbedding(module))
+            continue
+        fake = FakeQuantLinear(module)
+        if ranges is not None:
+            input_q, output_q = ranges[name]
+            fake.input_observer.start_from(*input_q)
+            fake.output_observer.start_from(*output_q)
+        set_module(model, name, fake)
 
 
 def freeze_observers(model: nn.Module) -> None:

@@ -70,7 +70,7 @@ def test_dvc_repro_and_the_flow_share_one_lock_and_rerun_only_what_changed(tiny_
         assert run.data.metrics["weight_bytes"] == latest["weight_bytes"]
     fp32, qat = by_variant["fp32"], by_variant["qat_int8"]
     assert fp32.data.metrics["accuracy_delta"] == 0.0
-    assert fp32.data.params["baseline.epochs"] == "1" and qat.data.params["qat.observer_freeze_fraction"] == "0.5"
+    assert fp32.data.params["baseline.epochs"] == "1" and qat.data.params["qat.init_observer"] == "percentile"
     assert "train_samples_s" in fp32.data.metrics and "train_peak_rss_bytes" in fp32.data.metrics
     assert by_variant["ptq_int8_dynamic"].data.metrics["weight_bytes"] < 0.3 * fp32.data.metrics["weight_bytes"]
     lora = by_variant["lora"].data.metrics

@@ -54,6 +54,16 @@ def test_missing_key_is_an_error_not_a_silent_default():
         validate_params(raw, "params.yaml")
 
 
+def test_ema_qat_ranges_without_any_ema_steps_are_refused_naming_both_keys():
+    raw = raw_params()
+    raw["qat"] |= {"init_observer": "ema", "observer_freeze_fraction": 0.0}
+    with pytest.raises(LowbitError) as err:
+        validate_params(raw, "params.yaml")
+    assert "qat: init_observer 'ema'" in str(err.value) and "observer_freeze_fraction must be > 0" in str(err.value)
+    raw["qat"]["observer_freeze_fraction"] = 0.25
+    assert validate_params(raw, "params.yaml").qat.init_observer == "ema"
+
+
 def test_override_parses_yaml_values_and_applies():
     assert parse_override("baseline.learning_rate=1e-4") == ("baseline.learning_rate", 1e-4)
     assert parse_override("data.test_source=null") == ("data.test_source", None)

@@ -9,7 +9,7 @@ from lowbit.errors import LowbitError
 from lowbit.measure import quantized_weight_stats, weight_bytes
 from lowbit.models import load_classifier, load_tokenizer, param_counts
 from lowbit.quant.modules import Int8Linear
-from lowbit.quant.ptq import calibrate, quantizable_layers
+from lowbit.quant.ptq import calibrate, linear_names, quantizable_layers
 from lowbit.quant.qat import FakeQuantLinear, convert_qat, freeze_observers, prepare_qat
 from lowbit.quant.schemes import SCHEMES, SchemeContext
 from lowbit.train import make_loader, predict_logits, train
@@ -94,13 +94,35 @@ def weight_bytes_free_params(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.dtype != torch.uint8)
 
 
+def test_qat_can_start_from_calibrated_ranges_and_keep_them(tiny_dir, frame):
+    model, tokenizer = load(tiny_dir)
+    layers = quantizable_layers(model, ["classifier"], embeddings=True)
+    batches = list(make_loader(tokenizer, frame.iloc[:32], 16, 32))
+    ranges = calibrate(model, batches, linear_names(layers), "percentile", 99.9)
+    prepare_qat(model, layers, ranges)
+    name = "bert.encoder.layer.1.output.dense"
+    fake = model.get_submodule(name)
+    for observer, calibrated in ((fake.input_observer, ranges[name][0]), (fake.output_observer, ranges[name][1])):
+        scale, zero_point = observer.qparams()
+        assert scale == pytest.approx(calibrated[0], rel=1e-6) and zero_point == calibrated[1]
+    freeze_observers(model)
+    cfg = QATParams(epochs=1, learning_rate=5e-3, batch_size=16, warmup_ratio=0.0, weight_decay=0.0,
+                    max_grad_norm=1.0, seed=0, init_observer="percentile", observer_freeze_fraction=0.0)
+    train(model, tokenizer, frame.iloc[:64], frame.iloc[64:], cfg, 32)
+    assert fake.output_observer.qparams() == pytest.approx(ranges[name][1], rel=1e-6)  # frozen: training left it alone
+    convert_qat(model)
+    int8 = model.get_submodule(name)
+    assert float(int8.output_scale) == pytest.approx(ranges[name][1][0], rel=1e-6)
+    assert int(int8.output_zero_point) == ranges[name][1][1]
+
+
 def test_qat_trains_through_fake_quant_and_converts_to_matching_int8(tiny_dir, frame):
     model, tokenizer = load(tiny_dir)
     prepare_qat(model, quantizable_layers(model, ["classifier"], embeddings=True))
     query = model.bert.encoder.layer[0].attention.self.query
     assert isinstance(query, FakeQuantLinear)
     cfg = QATParams(epochs=2, learning_rate=5e-3, batch_size=16, warmup_ratio=0.0, weight_decay=0.0,
-                    max_grad_norm=1.0, seed=0, observer_freeze_fraction=0.5)
+                    max_grad_norm=1.0, seed=0, init_observer="ema", observer_freeze_fraction=0.5)
     before = query.weight.detach().clone()
     result = train(model, tokenizer, frame.iloc[:64], frame.iloc[64:], cfg, 32, on_step=lambda s: s == 4 and freeze_observers(model))
     assert not torch.equal(before, query.weight.detach())  # gradients flowed through fake quantization (STE)
