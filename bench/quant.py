@@ -1,6 +1,6 @@
 """Quantization benchmark on SST-2: every PTQ variant and QAT against FP32, 3 seeds, JSON out.
 
-Run: python bench/quant.py [--seeds 0 1 2] [--out bench/results/quant.json]   (about 9 minutes a seed here)
+Run: python bench/quant.py [--seeds 0 1 2] [--out bench/results/quant.json]   (about 10 minutes a seed here)
 
 Per variant: accuracy mean±std over seeds, weight_bytes, bits_per_param,
 quantized_bits_per_param, latency p50 at batch 1 and throughput at batch 64, with
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import platform
 import statistics
+from pathlib import Path
 
 import torch
 
@@ -36,6 +37,8 @@ def summarise(per_seed: list[dict[str, dict]]) -> dict:
             "throughput_speedup_vs_fp32": statistics.fmean(m["throughput_samples_s"] / f["throughput_samples_s"] for m, f in zip(runs, fp32)),
             "notes": per_seed[0][name].get("notes", []),
         }
+        if "compile_seconds" in runs[0]:  # compiled programs: first-call compilation, Inductor cache as found
+            variants[name]["compile_seconds"] = [m["compile_seconds"] for m in runs]
     return variants
 
 
@@ -61,6 +64,14 @@ def targets(v: dict) -> dict:
     }
 
 
+def cpu_model() -> str:
+    """The CPU's name: int8 speed-ups depend on it (VNNI/AMX or not)."""
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     args = parse_args(__doc__)
     require_sst2()
@@ -74,7 +85,7 @@ def main() -> None:
     result = {
         "benchmark": "quant", "data": "SST-2: 4,000 train rows (seed 0), 1 epoch, max length 64, 872 dev rows",
         "seeds": args.seeds, "torch": torch.__version__, "quantized_engine": torch.backends.quantized.engine,
-        "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
         "stage_seconds": stage_seconds, "variants": variants, "targets": targets(variants),
     }
     emit(result, args.out)

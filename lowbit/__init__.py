@@ -4,4 +4,12 @@ The library has no Prefect import; MLflow is used only in lowbit/tracking.py.
 Stages live in tasks/, orchestration in flows/.
 """
 
+import logging
+
 __version__ = "0.1.0"
+
+# transformers and peft import torchao when it is installed; its optional CUDA/mxfp8 kernels
+# fail to load on CPU machines and it re-registers enums torch already knows: both expected,
+# both logged as warnings on every import. Errors still show.
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)

@@ -61,7 +61,7 @@ class TrainParams(Section):
     seed: int
 
 
-SchemeName = Literal["half_bf16", "half_fp16", "int8_weight_only", "int8_dynamic", "int8_static", "nf4", "int8_bnb"]
+SchemeName = Literal["half_bf16", "half_fp16", "int8_weight_only", "int8_dynamic", "int8_static", "int8_static_compiled", "nf4", "int8_bnb"]
 ObserverName = Literal["minmax", "percentile", "mse", "entropy"]
 
 

@@ -123,5 +123,7 @@ def evaluate_saved_variant(
         "peak_rss_bytes": peak_rss_bytes(),
         "stage_seconds": time.perf_counter() - started,
     }
+    if hasattr(model, "compile_seconds"):  # compiled programs: time spent compiling, inside the warm-up calls
+        metrics["compile_seconds"] = model.compile_seconds
     return {"variant": variant, "format": card["format"], "stage": card["stage"], "model_dir": str(model_dir), "metrics": metrics,
             "producer": card.get("training", {}), "notes": card.get("notes", [])}

@@ -78,6 +78,9 @@ def quantized_weight_stats(model: torch.nn.Module) -> tuple[int, int]:
             q = module.int8_weight() if isinstance(module, Int8Linear) else module.weight_int8
             count += q.numel()
             held += q.numel() + module.weight_scale.numel() * module.weight_scale.element_size()
+        elif callable(own := getattr(module, "quantized_weight_stats", None)):  # a compiled int8 program
+            module_count, module_bytes = own()
+            count, held = count + module_count, held + module_bytes
         elif torch.is_tensor(weight) and (state := _bnb_state_tensors(weight)):
             count += logical_numel(weight)
             held += weight.untyped_storage().nbytes() + sum(t.numel() * t.element_size() for t in state)

@@ -83,7 +83,6 @@ def quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    logging.getLogger("torchao").setLevel(logging.ERROR)
 
 
 def stage_main(stage: str, run: Callable[[Params, Paths], dict], argv: list[str] | None = None) -> None:

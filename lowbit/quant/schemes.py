@@ -8,6 +8,7 @@ Storage formats:
   hf    transformers safetensors in a 16-bit dtype (half_bf16, half_fp16)
   int8  lowbit int8: config + safetensors holding int8 weights and fp32 scales
   bnb   bitsandbytes-quantized transformers checkpoint (NF4 packed 4-bit, LLM.int8)
+  pt2e  a torch.export program with int8 weights (model.pt2), run through torch.compile
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, BitsAnd
 from lowbit.config import ModelParams
 from lowbit.errors import LowbitError
 from lowbit.models import load_classifier, load_tokenizer, save_model
+from lowbit.quant.compiled import PROGRAM_FILE, load_program, quantize_pt2e
 from lowbit.quant.ptq import calibrate, linear_names, quantizable_layers, quantize_int8, restore_int8_modules
 from lowbit.variants import register_loader, write_card
 
@@ -70,6 +72,11 @@ def load_bnb(path: Path, card: dict, model: ModelParams):
     return load_classifier(str(path), model, device_map=card.get("device", "cpu")), load_tokenizer(str(path), model)
 
 
+@register_loader("pt2e")
+def load_pt2e(path: Path, card: dict, model: ModelParams):
+    return load_program(path), load_tokenizer(str(path), model)
+
+
 def require_bitsandbytes() -> None:
     if importlib.util.find_spec("bitsandbytes") is None:
         raise LowbitError("bitsandbytes is not installed; run `make install`, or drop nf4/int8_bnb from ptq.schemes")
@@ -110,6 +117,21 @@ def int8_static(ctx: SchemeContext) -> list[str]:
     return made
 
 
+def int8_static_compiled(ctx: SchemeContext) -> list[str]:
+    variant = "ptq_int8_static_compiled"
+    model, tokenizer = load_baseline(ctx)
+    program = quantize_pt2e(model, ctx.calib_batches(), ctx.skip_modules, ctx.quantize_embeddings)
+    out = ctx.out_root / variant
+    out.mkdir(parents=True)
+    torch.export.save(program, str(out / PROGRAM_FILE))
+    tokenizer.save_pretrained(out)
+    write_card(out, variant, "pt2e", "ptq", notes=embedding_note(ctx) + skip_note(ctx) + [
+        "W8A8 graph from torchao PT2E (X86InductorQuantizer; activation ranges: its histogram observer over the "
+        "calib split), compiled by torch.compile with Inductor freezing; compile_seconds is the first calls' cost",
+    ])
+    return [variant]
+
+
 def embedding_note(ctx: SchemeContext) -> list[str]:
     return [] if ctx.quantize_embeddings else ["embeddings kept in FP32 (ptq.quantize_embeddings: false)"]
 
@@ -144,6 +166,7 @@ SCHEMES: dict[str, Callable[[SchemeContext], list[str]]] = {
     "int8_weight_only": int8("weight_only", "ptq_int8_weight_only"),
     "int8_dynamic": int8("dynamic", "ptq_int8_dynamic"),
     "int8_static": int8_static,
+    "int8_static_compiled": int8_static_compiled,
     "nf4": bnb("ptq_nf4", nf4_config, "NF4 4-bit weights, double-quantized block scales, bf16 compute"),
     "int8_bnb": bnb("ptq_int8_bnb", llm_int8_config, "LLM.int8 weights (bitsandbytes), fp16 matmul with outliers"),
 }
