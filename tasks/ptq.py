@@ -12,27 +12,14 @@ import time
 import pandas as pd
 
 from lowbit.config import Params
-from lowbit.errors import LowbitError
 from lowbit.io import atomic_dir, write_json
 from lowbit.measure import peak_rss_bytes, reset_peak_rss
 from lowbit.models import load_classifier, load_tokenizer
-from lowbit.quant.ptq import calibrate, linear_names, quantizable_layers
+from lowbit.quant.ptq import calib_batches, calibrate, linear_names, quantizable_layers
 from lowbit.quant.sensitivity import layer_sensitivity, write_sensitivity
 from lowbit.quant.schemes import SCHEMES, SchemeContext
 from lowbit.stages import RESULT_FILE, Paths, StageClock, stage_main
 from lowbit.train import make_loader
-
-
-def calib_batches(paths: Paths, params: Params) -> list:
-    calib = pd.read_parquet(paths.prepared / "calib.parquet")
-    if len(calib) < params.ptq.calib_rows:
-        raise LowbitError(
-            f"params.yaml: ptq.calib_rows: {params.ptq.calib_rows} asked, but the calib split has {len(calib)} rows; "
-            "lower ptq.calib_rows or raise prepare.calib_size"
-        )
-    tokenizer = load_tokenizer(str(paths.models / "baseline"), params.model)
-    rows = calib.iloc[: params.ptq.calib_rows]
-    return list(make_loader(tokenizer, rows, params.ptq.calib_batch_size, params.model.max_length))
 
 
 def run_sensitivity(params: Params, paths: Paths, batches: list, out_dir) -> list[dict]:

@@ -14,12 +14,11 @@ import pandas as pd
 from lowbit.config import Params
 from lowbit.io import atomic_dir, write_json
 from lowbit.models import load_classifier, load_tokenizer, param_counts
-from lowbit.quant.ptq import calibrate, linear_names, quantizable_layers
+from lowbit.quant.ptq import calib_batches, calibrate, linear_names, quantizable_layers
 from lowbit.quant.qat import convert_qat, freeze_observers, prepare_qat
 from lowbit.quant.schemes import save_int8
 from lowbit.stages import RESULT_FILE, Paths, StageClock, stage_main
 from lowbit.train import train
-from tasks.ptq import calib_batches
 
 
 def run(params: Params, paths: Paths) -> dict:

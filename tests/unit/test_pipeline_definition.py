@@ -1,5 +1,7 @@
 """dvc.yaml, params.yaml, tasks/ and the CLI must agree on stage names and params."""
 
+import ast
+from pathlib import Path
 
 import yaml
 
@@ -46,3 +48,37 @@ def test_every_dependency_path_exists():
 
 def _out(entry) -> str:
     return entry if isinstance(entry, str) else next(iter(entry))
+
+
+# Plumbing that cannot change what a stage produces: validation, errors, atomic writes, the
+# stage entry point, the Hub probe, package markers. Everything else a stage imports is code
+# whose change must make DVC rerun it, or an old result would pass for the new code's.
+PLUMBING = {"lowbit/__init__.py", "lowbit/config.py", "lowbit/errors.py", "lowbit/io.py", "lowbit/stages.py",
+            "lowbit/hub.py", "lowbit/quant/__init__.py", "lowbit/metrics/__init__.py", "tasks/__init__.py"}
+
+
+def imported_project_files(path: Path, seen: set[str] | None = None) -> set[str]:
+    """Repo files `path` imports, transitively (static: every import statement, wherever it sits)."""
+    seen = set() if seen is None else seen
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] not in ("lowbit", "tasks"):
+                continue
+            for candidate in (f"{name.replace('.', '/')}.py", f"{name.replace('.', '/')}/__init__.py"):
+                if (REPO / candidate).is_file() and candidate not in seen:
+                    seen.add(candidate)
+                    imported_project_files(REPO / candidate, seen)
+    return seen
+
+
+def test_every_stage_depends_on_the_code_it_imports():
+    for name, stage in DVC.items():
+        needed = imported_project_files(REPO / "tasks" / f"{name}.py") - PLUMBING
+        covered = {dep for dep in needed if any(dep == d or dep.startswith(d.rstrip("/") + "/") for d in stage["deps"])}
+        assert needed == covered, f"dvc.yaml {name}: add to deps {sorted(needed - covered)}"
