@@ -33,7 +33,10 @@ def build_summary(records: dict[str, dict], max_accuracy_drop: float, sensitivit
     for variant in sorted(records, key=order_key):
         metrics = dict(records[variant]["metrics"])
         metrics["accuracy_delta"] = (metrics["accuracy"] - base["accuracy"]) * 100.0
-        rows.append({"variant": variant, "metrics": metrics, "notes": records[variant].get("notes", [])})
+        notes = list(records[variant].get("notes", []))
+        if "compile_seconds" in metrics:  # measured in evaluate: what the speed figures do not include
+            notes.append(f"compiled in {metrics['compile_seconds']:.1f} s (first calls of each shape; not in p50 or samples/s)")
+        rows.append({"variant": variant, "metrics": metrics, "notes": notes})
     front = pareto_front(rows)
     for row in rows:
         row["pareto"] = row["variant"] in front

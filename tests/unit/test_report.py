@@ -64,3 +64,10 @@ def test_near_equal_sizes_tie_and_the_more_accurate_then_faster_variant_wins():
     records["ptq_int8_static_percentile"]["metrics"]["weight_bytes"] = 102_000  # 2% larger: no longer a tie
     records["ptq_int8_static_entropy"]["metrics"]["weight_bytes"] = 102_000
     assert build_summary(records, 1.0)["recommendation"]["variant"] == "ptq_int8_weight_only"
+
+
+def test_compile_time_is_reported_as_a_note_since_speed_figures_exclude_it():
+    compiled = record(0.899, 100)
+    compiled["metrics"]["compile_seconds"] = 41.26
+    text = markdown_report(build_summary(RECORDS | {"ptq_int8_static_compiled": compiled}, 1.0))
+    assert "- ptq_int8_static_compiled: compiled in 41.3 s (first calls of each shape; not in p50 or samples/s)" in text
