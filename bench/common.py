@@ -55,9 +55,23 @@ def make_project(name: str, seed: int, overrides: list[str]) -> Path:
     return root
 
 
+def project(name: str, seed: int, overrides: list[str], reuse: bool) -> Path:
+    """A seed's project: made afresh, or (reuse) the one a previous run left, checked to exist."""
+    if not reuse:
+        return make_project(name, seed, overrides)
+    root = WORK / f"{name}-seed{seed}"
+    if not (root / "models").is_dir():
+        sys.exit(f"--reuse: {root} has no trained models; run without --reuse first")
+    return root
+
+
 def run_stage(root: Path, stage: str) -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO), CI="1")
     subprocess.run([sys.executable, "-m", f"tasks.{stage}"], cwd=root, env=env, check=True, stdout=subprocess.DEVNULL)
+    return stage_result(root, stage)
+
+
+def stage_result(root: Path, stage: str) -> dict:
     from lowbit.stages import Paths
 
     return json.loads(Paths(root).result(stage).read_text())
@@ -75,6 +89,9 @@ def parse_args(doc: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the models a previous run trained (bench/.work) and rerun only evaluate: "
+                             "speed figures measured again, e.g. after something else shared the CPU")
     return parser.parse_args()
 
 

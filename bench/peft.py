@@ -18,7 +18,7 @@ import statistics
 
 import torch
 
-from bench.common import emit, make_project, mean_std, parse_args, require_sst2, run_stage, variant_metrics
+from bench.common import emit, mean_std, parse_args, project, require_sst2, run_stage, stage_result, variant_metrics
 
 METHODS = {"full": ("baseline", "fp32"), "lora": ("lora", "lora"), "qlora": ("qlora", "qlora")}
 
@@ -29,11 +29,11 @@ def main() -> None:
     runs: dict[str, list[dict]] = {m: [] for m in METHODS}
     merged: dict[str, list[float]] = {"lora_merged": [], "qlora_merged": []}
     for seed in args.seeds:
-        root = make_project("peft", seed, ["ptq.schemes=[]", "lora.epochs=1", "qlora.epochs=1",
-                                           f"lora.seed={seed}", f"qlora.seed={seed}"])
-        run_stage(root, "prepare")
-        trained = {method: run_stage(root, stage) for method, (stage, _) in METHODS.items()}
-        run_stage(root, "evaluate")
+        root = project("peft", seed, ["ptq.schemes=[]", "lora.epochs=1", "qlora.epochs=1",
+                                      f"lora.seed={seed}", f"qlora.seed={seed}"], args.reuse)
+        for stage in ("evaluate",) if args.reuse else ("prepare", "baseline", "lora", "qlora", "evaluate"):
+            run_stage(root, stage)
+        trained = {method: stage_result(root, stage) for method, (stage, _) in METHODS.items()}
         metrics = variant_metrics(root)
         for method, (_, variant) in METHODS.items():
             runs[method].append({"accuracy": metrics[variant]["metrics"]["accuracy"], **trained[method]})
@@ -60,7 +60,7 @@ def main() -> None:
     state = {m: summary[m]["train_state_bytes"] for m in METHODS}
     result = {
         "benchmark": "peft", "data": "SST-2: 4,000 train rows (seed 0), 1 epoch, max length 64, 872 dev rows",
-        "seeds": args.seeds, "torch": torch.__version__, "cuda": torch.cuda.is_available(), "methods": summary,
+        "seeds": args.seeds, "evaluate_rerun_on_kept_models": args.reuse, "torch": torch.__version__, "cuda": torch.cuda.is_available(), "methods": summary,
         "targets": {
             "lora_accuracy_ge_0.787": acc["lora"] >= 0.787,
             "qlora_accuracy_ge_0.792": acc["qlora"] >= 0.792,
