@@ -124,12 +124,31 @@ def markdown_report(summary: dict) -> str:
     return "\n".join(parts) + "\n"
 
 
+def label_groups(points: list[tuple[str, float, float]]) -> list[tuple[list[str], float, float]]:
+    """Variants whose labels would overprint share one label, a name per line, at the most accurate
+    point of the group: a point joins a group within 3% of the x span whose label (a line of text is
+    about 1/25 of the y span) reaches down to within a line of it."""
+    xs, ys = [x for _, x, _ in points], [y for _, _, y in points]
+    x_span, y_span = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    line = y_span / 25
+    groups: list[tuple[list[str], float, float]] = []
+    for name, x, y in sorted(points, key=lambda p: -p[2]):
+        near = next((g for g in groups if abs(g[1] - x) < 0.03 * x_span and y > g[2] - (len(g[0]) + 1) * line), None)
+        if near:
+            near[0].append(name)
+        else:
+            groups.append(([name], x, y))
+    return groups
+
+
 def pareto_plot(summary: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in summary["rows"]:
-        m = row["metrics"]
-        ax.scatter(m["weight_bytes"] / MIB, m["accuracy"], color="tab:red" if row["pareto"] else "tab:blue", zorder=3)
-        ax.annotate(row["variant"], (m["weight_bytes"] / MIB, m["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    points = [(r["variant"], r["metrics"]["weight_bytes"] / MIB, r["metrics"]["accuracy"]) for r in summary["rows"]]
+    for row, (_, x, y) in zip(summary["rows"], points):
+        on_front = row["pareto"]
+        ax.scatter(x, y, color="tab:red" if on_front else "tab:blue", zorder=4 if on_front else 3)
+    for names, x, y in label_groups(points):
+        ax.annotate("\n".join(names), (x, y), textcoords="offset points", xytext=(5, 2), fontsize=7, va="top")
     front = sorted((r["metrics"]["weight_bytes"] / MIB, r["metrics"]["accuracy"]) for r in summary["rows"] if r["pareto"])
     ax.plot(*zip(*front), color="tab:red", linestyle="--", linewidth=1, label="Pareto front")
     ax.set_xlabel("weight_bytes (MiB, as held in memory)")

@@ -1,7 +1,7 @@
 import pytest
 
 from lowbit.errors import LowbitError
-from lowbit.report import build_summary, markdown_report, pareto_front, write_report
+from lowbit.report import build_summary, label_groups, markdown_report, pareto_front, write_report
 
 
 def record(accuracy, weight_bytes):
@@ -71,3 +71,11 @@ def test_compile_time_is_reported_as_a_note_since_speed_figures_exclude_it():
     compiled["metrics"]["compile_seconds"] = 41.26
     text = markdown_report(build_summary(RECORDS | {"ptq_int8_static_compiled": compiled}, 1.0))
     assert "- ptq_int8_static_compiled: compiled in 41.3 s (first calls of each shape; not in p50 or samples/s)" in text
+
+
+def test_plot_labels_that_would_overprint_share_one_label_most_accurate_first():
+    points = [("fp32", 86.7, 0.918), ("ptq_int8_dynamic", 22.0, 0.917), ("ptq_int8_weight_only", 22.0, 0.918),
+              ("ptq_int8_static_minmax", 22.0, 0.877), ("half_bf16", 43.3, 0.918)]
+    groups = label_groups(points)
+    assert groups[1] == (["ptq_int8_weight_only", "ptq_int8_dynamic"], 22.0, 0.918)
+    assert sorted(len(g[0]) for g in groups) == [1, 1, 1, 2]  # minmax is 4 points lower: its own label
