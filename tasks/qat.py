@@ -34,6 +34,8 @@ def run(params: Params, paths: Paths) -> dict:
     prepare_qat(model, layers, ranges)
     total_steps = cfg.epochs * math.ceil(len(train_frame) / cfg.batch_size)
     freeze_at = int(cfg.observer_freeze_fraction * total_steps)
+    if ranges is None:
+        freeze_at = max(1, freeze_at)  # EMA ranges need at least one batch to form
     if freeze_at == 0:
         freeze_observers(model)
     fit = train(
