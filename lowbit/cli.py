@@ -82,7 +82,8 @@ def cmd_sensitivity(args: argparse.Namespace, paths: Paths) -> int:
     if not (paths.models / "baseline").is_dir():
         raise LowbitError(f"{paths.models / 'baseline'} not found; run `lowbit run` (or `dvc repro baseline`) first")
     quiet_libraries()
-    from tasks.ptq import calib_batches, run_sensitivity
+    from lowbit.quant.ptq import calib_batches
+    from tasks.ptq import run_sensitivity
 
     rows = run_sensitivity(params, paths, calib_batches(paths, params), paths.reports)
     for row in rows[:10]:

@@ -162,6 +162,7 @@ def train(
             best_state = snapshot(model)
     if best[1] != cfg.epochs:
         restore(model, best_state)
-    growth = peak_rss_bytes() - start_rss
-    return TrainResult(best[1], best[0], samples / seconds, seconds, peak_rss_bytes(), growth,
+    peak = peak_rss_bytes()
+    growth = peak - start_rss
+    return TrainResult(best[1], best[0], samples / seconds, seconds, peak, growth,
                        weight_bytes(model) + growth, state_bytes, history)

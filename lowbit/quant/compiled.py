@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.quant.modules import Int8Embedding
-from lowbit.quant.ptq import matches, set_module
+from lowbit.quant.ptq import EMPTY_CALIBRATION, quantizable_layers, quantize_int8
 
 PROGRAM_FILE = "model.pt2"
 
@@ -66,19 +65,18 @@ def quantize_pt2e(
     pt2e, x86 = _require_torchao()
     batches = [{k: v for k, v in batch.items() if k != "labels"} for batch in batches]
     if not batches:
-        raise LowbitError("calibration: the calib split is empty; raise prepare.calib_size")
+        raise LowbitError(EMPTY_CALIBRATION)
     model.eval()
-    if quantize_embeddings:
-        for name, module in list(model.named_modules()):
-            if isinstance(module, nn.Embedding) and not matches(name, skip_modules):
-                set_module(model, name, Int8Embedding.from_float(module))
+    layers = quantizable_layers(model, skip_modules, quantize_embeddings)
+    # embeddings: lowbit's per-row int8 (the quantizer handles linears only); the mode is for linears
+    quantize_int8(model, "weight_only", {n: m for n, m in layers.items() if isinstance(m, nn.Embedding)})
     # 7-bit activations, as everywhere in lowbit (affine.ACTIVATION): without VNNI, x86 int8 kernels
     # multiply u8×s8 pairs into saturating int16; with the full 8 bits the tiny test model's logits
     # moved by a quarter of their range on this AVX2 CPU
     config = x86.get_default_x86_inductor_quantization_config(reduce_range=True)
     quantizer = x86.X86InductorQuantizer().set_global(config)
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and matches(name, skip_modules):
+        if isinstance(module, nn.Linear) and name not in layers:
             quantizer.set_module_name_qconfig(name, None)
     positions = model.config.max_position_embeddings
     prepared = pt2e.prepare_pt2e(export_classifier(model, batches[0], positions).module(), quantizer)

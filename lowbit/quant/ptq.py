@@ -25,6 +25,9 @@ from lowbit.stages import Paths
 from lowbit.train import make_loader
 
 
+EMPTY_CALIBRATION = "calibration: the calib split is empty; raise prepare.calib_size"
+
+
 def matches(name: str, patterns: list[str]) -> bool:
     """A module matches a pattern by glob or as a prefix: 'classifier', 'bert.encoder.layer.5.*'."""
     return any(fnmatch.fnmatchcase(name, p) or name.startswith(p + ".") for p in patterns)
@@ -80,7 +83,7 @@ def calibrate(model: nn.Module, batches, layers: list[str], observer: str, perce
         for hook in hooks:
             hook.remove()
     if count == 0:
-        raise LowbitError("calibration: the calib split is empty; raise prepare.calib_size")
+        raise LowbitError(EMPTY_CALIBRATION)
     return {n: (inputs[n].qparams(), outputs[n].qparams()) for n in layers}
 
 
