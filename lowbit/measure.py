@@ -126,7 +126,12 @@ def release_free_heap() -> None:
 
 
 def current_rss_bytes() -> int:
-    return _status_kib("VmRSS:") * 1024
+    """Resident memory now; 0 where /proc is unavailable, so training-memory growth then spans
+    the process's lifetime peak, as peak_rss_bytes does there."""
+    try:
+        return _status_kib("VmRSS:") * 1024
+    except OSError:
+        return 0
 
 
 def _status_kib(field: str) -> int:

@@ -63,6 +63,12 @@ def test_release_free_heap_hands_freed_blocks_back_so_rss_shows_live_memory():
     assert current_rss_bytes() < grown - 150 * 1024 * 1024
 
 
+def test_without_proc_memory_readings_fall_back_instead_of_failing(monkeypatch, tmp_path):
+    monkeypatch.setattr("lowbit.measure._PROC_STATUS", tmp_path / "missing")
+    assert current_rss_bytes() == 0
+    assert peak_rss_bytes() > 50 * 1024 * 1024  # getrusage's lifetime peak: this process has loaded torch
+
+
 def test_time_calls_runs_warmup_then_times_each_call():
     calls = []
     times = time_calls(lambda: calls.append(1), repeats=7, warmup=3)
