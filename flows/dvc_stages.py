@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections import deque
 from pathlib import Path
 from typing import Iterator
 
@@ -56,13 +57,23 @@ def push_outputs(root: Path) -> int:
         return repo.push()
 
 
-def execute_stage(root: Path, stage: str) -> None:
-    """Run the stage's dvc.yaml command with this interpreter's environment first on PATH."""
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    completed = subprocess.run(stage_command(root, stage), shell=True, cwd=root, env=env)
-    if completed.returncode != 0:
+def execute_stage(root: Path, stage: str, extra_env: dict[str, str] | None = None) -> None:
+    """Run the stage's dvc.yaml command with this interpreter's environment first on PATH.
+
+    Its stderr is passed through as it comes and its last line kept: a failure names the
+    stage's own error (e.g. `RuntimeError: ...`), so the report and MLflow can say why."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **(extra_env or {}))
+    tail: deque[str] = deque(maxlen=1)
+    with subprocess.Popen(stage_command(root, stage), shell=True, cwd=root, env=env, stderr=subprocess.PIPE, text=True,
+                          errors="replace") as process:
+        for line in process.stderr:
+            sys.stderr.write(line)
+            if line.strip():
+                tail.append(line.strip())
+    if process.returncode != 0:
+        cause = f": {tail[0]}" if tail else ""
         raise LowbitError(
-            f"stage {stage} failed (exit {completed.returncode}); see its message above. "
+            f"stage {stage} failed (exit {process.returncode}){cause}. "
             "Earlier stages' outputs, the DVC cache and MLflow history are untouched."
         )
 
@@ -74,3 +85,10 @@ def run_stage(root: Path, stage: str, force: bool = False) -> dict:
         execute_stage(root, stage)
         commit_stage(root, stage)
     return {"stage": stage, "ran": ran, "result": read_json(Paths(root).result(stage))}
+
+
+def run_stage_uncommitted(root: Path, stage: str, extra_env: dict[str, str]) -> dict:
+    """Run `stage` on partial inputs and leave it out of dvc.lock: `dvc status` keeps reporting
+    it (and the stage that failed) as changed until a complete run commits them."""
+    execute_stage(root, stage, extra_env)
+    return {"stage": stage, "ran": True, "result": read_json(Paths(root).result(stage))}

@@ -9,20 +9,26 @@ Run: lowbit run        (or: python -m flows.pipeline)
 
 Each box is a dvc.yaml stage run by `stage_task` (skipped when DVC says it is up
 to date). Independent branches run concurrently on Prefect's task runner.
+
+One failing branch does not hide the others: the rest finish, evaluate and report run on
+the variants that exist (outside dvc.lock, so `dvc status` still shows what is missing),
+the MLflow run ends FAILED with the reasons, and the flow raises StagesFailed.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.runtime import flow_run
 
-from flows.dvc_stages import push_outputs, run_stage
+from flows.dvc_stages import push_outputs, run_stage, run_stage_uncommitted
 from lowbit.config import load_params
+from lowbit.errors import LowbitError, StagesFailed
 from lowbit.io import read_json
-from lowbit.stages import RESULT_FILE, Paths
+from lowbit.stages import EXCLUDE_ENV, RESULT_FILE, Paths
 from lowbit.tracking import Tracker
 
 
@@ -38,6 +44,11 @@ def stage_task(root: Path, stage: str, force: bool = False) -> dict:
     return run_stage(root, stage, force)
 
 
+@task(name="stage-on-partial-inputs", task_run_name="{stage} (partial)")
+def partial_stage_task(root: Path, stage: str, failures: dict[str, str]) -> dict:
+    return run_stage_uncommitted(root, stage, {EXCLUDE_ENV: json.dumps(failures)})
+
+
 @task(name="dvc-push", retries=2, retry_delay_seconds=10)  # a remote (S3) can fail transiently
 def push_task(root: Path) -> int:
     return push_outputs(root)
@@ -50,20 +61,30 @@ def pipeline(root: str = ".", force: bool = False, overrides: tuple[str, ...] = 
     tracker = Tracker(params, paths.root)
     tracker.start({"lowbit.prefect_flow_run_id": str(flow_run.id), "lowbit.overrides": " ".join(overrides)})
     try:
-        outcomes = {"prepare": stage_task(paths.root, "prepare", force)}
+        outcomes = {"prepare": stage_task(paths.root, "prepare", force)}  # nothing can run without it
         tracker.tag("lowbit.data_hash", outcomes["prepare"]["result"]["data_hash"])
+        failures: dict[str, str] = {}
         baseline = stage_task.submit(paths.root, "baseline", force)
         adapters = {name: stage_task.submit(paths.root, name, force) for name in ADAPTER_BRANCHES}
-        outcomes["baseline"] = baseline.result()
-        quantized = {name: stage_task.submit(paths.root, name, force) for name in BASELINE_BRANCHES}
-        outcomes |= {name: future.result() for name, future in (quantized | adapters).items()}
-        outcomes["evaluate"] = stage_task(paths.root, "evaluate", force)
-        outcomes["report"] = stage_task(paths.root, "report", force)
+        collect({"baseline": baseline}, outcomes, failures)
+        if "baseline" in failures:
+            failures |= {name: "not run: the baseline stage it starts from failed" for name in BASELINE_BRANCHES}
+            quantized = {}
+        else:
+            quantized = {name: stage_task.submit(paths.root, name, force) for name in BASELINE_BRANCHES}
+        collect(quantized | adapters, outcomes, failures)
+        for stage in ("evaluate", "report"):
+            outcomes[stage] = (partial_stage_task(paths.root, stage, failures) if failures
+                               else stage_task(paths.root, stage, force))
         track_results(tracker, paths, outcomes)
+        if failures:
+            tracker.tag("lowbit.failed_stages", ",".join(failures))
+            raise StagesFailed(failures, (paths.reports / "summary.md").read_text())
         if params.tracking.dvc_push:
             tracker.tag("lowbit.dvc_pushed_files", str(push_task(paths.root)))
     except BaseException as err:
-        tracker.finish("FAILED", f"{type(err).__name__}: {err}")
+        reasons = err.failures if isinstance(err, StagesFailed) else {}
+        tracker.finish("FAILED", "; ".join(f"{k}: {v}" for k, v in reasons.items()) or f"{type(err).__name__}: {err}")
         raise
     tracker.finish("FINISHED")
     return {
@@ -72,6 +93,16 @@ def pipeline(root: str = ".", force: bool = False, overrides: tuple[str, ...] = 
         "ran": [name for name, outcome in outcomes.items() if outcome["ran"]],
         "report": (paths.reports / "summary.md").read_text(),
     }
+
+
+def collect(futures: dict, outcomes: dict, failures: dict[str, str]) -> None:
+    """Wait for each branch; a failed one goes into `failures` with its error instead of stopping the flow."""
+    for name, future in futures.items():
+        result = future.result(raise_on_failure=False)
+        if isinstance(result, BaseException):
+            failures[name] = str(result) if isinstance(result, LowbitError) else f"{type(result).__name__}: {result}"
+        else:
+            outcomes[name] = result
 
 
 def track_results(tracker: Tracker, paths: Paths, outcomes: dict) -> None:

@@ -14,10 +14,11 @@ import pandas as pd
 import torch
 
 from lowbit.adapters import (
-    accuracy_on, compute_dtype, dequantized_4bit_weights, lora_model, merged_model, optimizer_choice, requantize,
+    accuracy_on, dequantized_4bit_weights, lora_model, merged_model, optimizer_choice, requantize,
 )
 from lowbit.config import LoraParams, Params, QLoraParams
 from lowbit.errors import LowbitError
+from lowbit.hardware import detect, device_map, qlora_compute_dtype
 from lowbit.io import atomic_dir, read_json, write_json
 from lowbit.measure import cuda_peak_bytes
 from lowbit.models import load_classifier, load_tokenizer, param_counts, resolve_model
@@ -48,10 +49,10 @@ def run_adapter_stage(section: str, cfg: LoraParams, params: Params, paths: Path
     }
     card = {"base_model": params.model.name, "labels": labels, "training": result}
     if quantized:
-        dtype, reason = compute_dtype(cfg)
+        dtype, reason = qlora_compute_dtype(cfg.compute_dtype, detect())
         result |= {"compute_dtype": str(dtype).removeprefix("torch."), "compute_dtype_reason": reason}
         card |= {"base_quantization": "nf4", "compute_dtype": result["compute_dtype"],
-                 "device": "cuda" if torch.cuda.is_available() else "cpu"}
+                 "device": device_map(detect())}
     val_loader = make_loader(tokenizer, val, params.evaluate.batch_size, params.model.max_length)
     with atomic_dir(paths.models / section) as out:
         model.save_pretrained(out / "adapter")

@@ -17,14 +17,15 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
-from transformers import BitsAndBytesConfig
 
 from lowbit.config import LoraParams, ModelParams, QLoraParams
 from lowbit.errors import LowbitError
+from lowbit.hardware import detect, device_map, qlora_compute_dtype, training_optimizer
 from lowbit.io import read_json
 from lowbit.models import load_classifier, load_tokenizer, resolve_model, save_model
 from lowbit.quant.ptq import quantizable_layers, quantize_int8
-from lowbit.quant.schemes import require_bitsandbytes, save_int8
+from lowbit.quant.bnb import nf4_config, require_bitsandbytes, set_4bit_layouts
+from lowbit.quant.schemes import save_int8
 from lowbit.train import predict_logits
 from lowbit.variants import register_loader, write_card
 
@@ -53,48 +54,26 @@ def lora_model(base: nn.Module, params: LoraParams, section: str = "lora") -> Pe
     return get_peft_model(base, lora_config(params))
 
 
-def compute_dtype(params: QLoraParams) -> tuple[torch.dtype, str]:
-    """The dtype 4-bit matmuls compute in, and why.
-
-    `auto` takes bf16 where the hardware multiplies bf16 natively (CUDA with bf16, or
-    a CPU whose oneDNN reports bf16 support: AMX / AVX512-BF16); elsewhere fp32, since
-    emulated bf16 matmuls measured 35x slower than fp32 on a CPU without them.
-    """
-    if params.compute_dtype != "auto":
-        return getattr(torch, params.compute_dtype), "set by qlora.compute_dtype"
-    if torch.cuda.is_available():
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16, "auto: CUDA device with bf16"
-        return torch.float16, "auto: CUDA device without bf16"
-    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16, "auto: CPU with native bf16 matmuls"
-    return torch.float32, "auto: this CPU has no native bf16 matmul (emulated bf16 is far slower)"
-
-
-def nf4_config(dtype: torch.dtype) -> BitsAndBytesConfig:
-    return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=HEAD,
-    )
-
-
 def load_4bit_base(source: str, model: ModelParams, labels: list[str], params: QLoraParams) -> nn.Module:
     """The pretrained model with every Linear but the head in NF4, ready for k-bit training."""
     require_bitsandbytes()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = load_classifier(source, model, labels, quantization_config=nf4_config(compute_dtype(params)[0]), device_map=device)
+    caps = detect()
+    config = nf4_config(HEAD, qlora_compute_dtype(params.compute_dtype, caps)[0])
+    base = load_classifier(source, model, labels, quantization_config=config, device_map=device_map(caps))
+    set_4bit_layouts(base, training=True)  # the validation passes between epochs must not repack it
     return prepare_model_for_kbit_training(base, use_gradient_checkpointing=params.gradient_checkpointing)
 
 
 def optimizer_choice(params: LoraParams) -> tuple[str, str, object]:
-    """(name, why, factory): a paged 8-bit AdamW on CUDA, plain AdamW on CPU (paged optimizers need CUDA)."""
-    if torch.cuda.is_available():
+    """(name, why, factory): lowbit.hardware.training_optimizer's choice, built on the params."""
+    name, why = training_optimizer(detect())
+    if name == "PagedAdamW8bit":
         import bitsandbytes as bnb
 
         factory = lambda ps: bnb.optim.PagedAdamW8bit(ps, lr=params.learning_rate, weight_decay=params.weight_decay)  # noqa: E731
-        return "PagedAdamW8bit", "CUDA available: paged 8-bit optimizer states", factory
-    factory = lambda ps: torch.optim.AdamW(ps, lr=params.learning_rate, weight_decay=params.weight_decay)  # noqa: E731
-    return "AdamW", "no CUDA: bitsandbytes paged optimizers need a GPU", factory
+    else:
+        factory = lambda ps: torch.optim.AdamW(ps, lr=params.learning_rate, weight_decay=params.weight_decay)  # noqa: E731
+    return name, why, factory
 
 
 def dequantized_4bit_weights(peft_model: PeftModel) -> dict[str, torch.Tensor]:
@@ -130,8 +109,9 @@ def load_adapter_model(path: Path, card: dict, model: ModelParams):
     check_adapter_base(path, card)
     if card.get("base_quantization") == "nf4":
         require_bitsandbytes()
-        base = load_classifier(source, model, labels, quantization_config=nf4_config(getattr(torch, card["compute_dtype"])),
-                               device_map=card.get("device", "cpu"))
+        base = load_classifier(source, model, labels, quantization_config=nf4_config(HEAD, getattr(torch, card["compute_dtype"])),
+                               device_map=device_map(detect()))
+        set_4bit_layouts(base, training=False)
     else:
         base = load_classifier(source, model, labels)
     return PeftModel.from_pretrained(base, str(path)).eval(), load_tokenizer(str(path), model)
@@ -163,7 +143,7 @@ def requantize(
         return
     save_model(merged, tokenizer, out)
     if how == "nf4":
-        nf4 = load_classifier(str(out), model, quantization_config=nf4_config(torch.bfloat16), device_map="cpu")
+        nf4 = load_classifier(str(out), model, quantization_config=nf4_config(HEAD, torch.bfloat16), device_map="cpu")
         save_model(nf4, tokenizer, out)
         write_card(out, variant, "bnb", stage, device="cpu", notes=["adapters merged, then NF4 (bitsandbytes)"], **info)
         return

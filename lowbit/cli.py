@@ -5,11 +5,14 @@
     lowbit sensitivity                                quantize one layer at a time, write reports/sensitivity.*
     lowbit check                                      validate params.yaml and exit
     lowbit show                                       print the last report
+
+Exit status: 0 done; 1 some stages failed (the others finished and were reported); 2 bad input.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -17,10 +20,17 @@ import time
 from pathlib import Path
 
 from lowbit.config import load_params, write_overrides
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, StagesFailed
 from lowbit.stages import Paths, quiet_libraries
 
 STAGES = ("prepare", "baseline", "ptq", "qat", "lora", "qlora", "evaluate", "report")
+
+# Without PREFECT_API_URL, Prefect starts a temporary local API server for the run: a fresh
+# process that imports Prefect's server and migrates a SQLite database. Prefect waits 20 s for
+# it by default, which ran out on a 2-core machine whose cores were busy with another job (a
+# weekly run on a shared machine). lowbit waits longer unless the variable is already set.
+PREFECT_STARTUP_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+PREFECT_STARTUP_SECONDS = 300
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.root).resolve()
     try:
         return COMMANDS[args.command](args, Paths(root))
+    except StagesFailed as err:
+        print(err.report)
+        print(f"lowbit: error: {err}", file=sys.stderr)
+        for stage, why in err.failures.items():
+            print(f"  {stage}: {why}", file=sys.stderr)
+        return 1
     except LowbitError as err:
         print(f"lowbit: error: {err}", file=sys.stderr)
         return 2
@@ -57,16 +73,39 @@ def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
     quiet_libraries()
     if args.parallel < 1:
         raise LowbitError(f"--parallel {args.parallel}: must be 1 or more")
+    prepare_prefect_environment()
     from flows.pipeline import pipeline_with_parallelism  # Prefect import is slow: only for `run`
 
     flow = pipeline_with_parallelism(args.parallel)
-    outcome = flow(root=str(paths.root), force=args.force, overrides=tuple(args.param))
+    with explained_prefect_startup():
+        outcome = flow(root=str(paths.root), force=args.force, overrides=tuple(args.param))
     print()
     print(outcome["report"])
     ran = ", ".join(outcome["ran"]) or "nothing (all stages up to date)"
     print(f"stages run: {ran}; {time.perf_counter() - started:.1f} s in all")
     print(f"MLflow run {outcome['mlflow_run_id']} in {outcome['tracking_uri']}")
     return 0
+
+
+def prepare_prefect_environment() -> None:
+    """Before Prefect is imported (it reads its settings then): a startup wait sized for busy machines."""
+    os.environ.setdefault(PREFECT_STARTUP_ENV, str(PREFECT_STARTUP_SECONDS))
+
+
+@contextlib.contextmanager
+def explained_prefect_startup():
+    """Prefect's startup time-out is a bare RuntimeError; say what to set instead."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "ephemeral Prefect API server" not in str(err):
+            raise
+        waited = os.environ.get(PREFECT_STARTUP_ENV, "20")
+        raise LowbitError(
+            f"Prefect's temporary local API server did not answer within {waited} s (is the machine busy?). "
+            f"Wait longer with {PREFECT_STARTUP_ENV}=900, or start a server once (`prefect server start`) and "
+            "point runs at it with PREFECT_API_URL=http://127.0.0.1:4200/api"
+        ) from None
 
 
 def cmd_stage(args: argparse.Namespace, paths: Paths) -> int:

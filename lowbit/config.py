@@ -35,14 +35,31 @@ class ModelParams(Section):
     max_length: int = Field(ge=8, le=8192)
 
 
+Column = str | int  # a name, or a 0-based position (the only way to name a column of a headerless file)
+
+
 class DataParams(Section):
     source: str = Field(min_length=1)
-    text_column: str = Field(min_length=1)
-    label_column: str = Field(min_length=1)
+    header: bool
+    text_column: Column
+    label_column: Column
     test_source: str | None
     max_rows: int | None = Field(ge=10)
     builtin_rows: int = Field(ge=60)
     seed: int
+
+    @model_validator(mode="after")
+    def headerless_columns_are_positions(self) -> "DataParams":
+        for key in ("text_column", "label_column"):
+            column = getattr(self, key)
+            if isinstance(column, str) and not column:
+                raise ValueError(f"{key} is empty; give a column name or a 0-based position")
+            if isinstance(column, int) and column < 0:
+                raise ValueError(f"{key}: {column} is not a column position (0 = the first column)")
+            if not self.header and isinstance(column, str):
+                raise ValueError(f"{key}: {column!r} is a column name, but header is false: the file has no names; "
+                                 "give the column's 0-based position (e.g. text_column: 1)")
+        return self
 
 
 class PrepareParams(Section):

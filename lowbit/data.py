@@ -23,13 +23,15 @@ from lowbit.errors import LowbitError
 from lowbit.hub import require_hub
 
 OFFLINE_DATA = "builtin:reviews, or a local CSV/TSV/JSONL/Parquet file"
+# header=None: the first row is data and columns are named 0, 1, ... (AG News and many corpora ship so)
 READERS = {
-    ".csv": lambda p: pd.read_csv(p),
-    ".tsv": lambda p: pd.read_csv(p, sep="\t", quoting=3),  # quoting=3: quotes are text in TSV corpora
-    ".jsonl": lambda p: pd.read_json(p, lines=True),
-    ".json": lambda p: pd.read_json(p),
-    ".parquet": lambda p: pd.read_parquet(p),
+    ".csv": lambda p, header: pd.read_csv(p, header="infer" if header else None),
+    ".tsv": lambda p, header: pd.read_csv(p, sep="\t", quoting=3, header="infer" if header else None),  # quoting=3: quotes are text in TSV corpora
+    ".jsonl": lambda p, header: pd.read_json(p, lines=True),
+    ".json": lambda p, header: pd.read_json(p),
+    ".parquet": lambda p, header: pd.read_parquet(p),
 }
+DELIMITED = (".csv", ".tsv")
 
 
 def load_source(source: str, data: DataParams, key: str = "data.source") -> pd.DataFrame:
@@ -42,18 +44,21 @@ def load_source(source: str, data: DataParams, key: str = "data.source") -> pd.D
     if source.startswith("hf:"):
         frame = load_hub_dataset(source.removeprefix("hf:"), key)
     else:
-        frame = load_file(Path(source), key)
+        frame = load_file(Path(source), key, data.header)
     return select_columns(frame, data, source)
 
 
-def load_file(path: Path, key: str) -> pd.DataFrame:
+def load_file(path: Path, key: str, header: bool = True) -> pd.DataFrame:
     if not path.is_file():
         raise LowbitError(f"params.yaml: {key}: file not found: {path}")
     reader = READERS.get(path.suffix.lower())
     if reader is None:
         raise LowbitError(f"params.yaml: {key}: {path}: unsupported extension {path.suffix!r}; use one of {', '.join(READERS)}")
+    if not header and path.suffix.lower() not in DELIMITED:
+        raise LowbitError(f"params.yaml: data.header: false applies to CSV/TSV files; {path} names its columns itself "
+                          "(set data.header: true)")
     try:
-        frame = reader(path)
+        frame = reader(path, header)
     except (pd.errors.EmptyDataError, ValueError) as err:
         raise LowbitError(f"{path}: cannot be read as {path.suffix[1:]} ({err}); is the file empty or malformed?") from None
     if frame.empty:
@@ -74,12 +79,22 @@ def load_hub_dataset(spec: str, key: str) -> pd.DataFrame:
 
 
 def select_columns(frame: pd.DataFrame, data: DataParams, source: str) -> pd.DataFrame:
-    for key, column in (("data.text_column", data.text_column), ("data.label_column", data.label_column)):
-        if column not in frame.columns:
+    """The text and label columns, each named in params by name or by 0-based position."""
+    picked = {}
+    for out, key, column in (("text", "data.text_column", data.text_column), ("label", "data.label_column", data.label_column)):
+        if isinstance(column, int):
+            if column >= frame.shape[1]:
+                raise LowbitError(f"{source}: params.yaml {key}: position {column} is past the last column; "
+                                  f"the file has {frame.shape[1]} columns (positions 0-{frame.shape[1] - 1})")
+            picked[out] = frame.iloc[:, column]
+        elif column in frame.columns:
+            picked[out] = frame[column]
+        else:
             raise LowbitError(
                 f"{source}: column {column!r} (params.yaml {key}) not found; columns are: {', '.join(map(str, frame.columns))}"
+                + ("" if data.header else " (data.header is false: use positions)")
             )
-    return pd.DataFrame({"text": frame[data.text_column], "label": frame[data.label_column]})
+    return pd.DataFrame({"text": picked["text"].to_numpy(), "label": picked["label"].to_numpy()})
 
 
 @dataclass

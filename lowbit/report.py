@@ -7,6 +7,9 @@
 The recommendation is the variant with the smallest `weight_bytes` (sizes within 1% are
 a tie) whose accuracy is within `max_accuracy_drop` points of fp32; among ties the most
 accurate, then the fastest at batch 1.
+
+Stages that failed in this run are listed as missing, with their error; without the fp32
+baseline there is no delta and no recommendation, and the report says why.
 """
 
 from __future__ import annotations
@@ -25,14 +28,18 @@ from lowbit.variants import BASELINE, order_key  # noqa: E402
 MIB = 1024 * 1024
 
 
-def build_summary(records: dict[str, dict], max_accuracy_drop: float, sensitivity: list[dict] | None = None) -> dict:
-    if BASELINE not in records:
-        raise LowbitError(f"no metrics for the {BASELINE} baseline; the report compares every variant against it")
-    base = records[BASELINE]["metrics"]
+def build_summary(
+    records: dict[str, dict], max_accuracy_drop: float, sensitivity: list[dict] | None = None,
+    missing: dict[str, dict] | None = None,
+) -> dict:
+    """`missing`: {stage: {"reason": error, "variants": names left out}} for stages that failed."""
+    if not records:
+        raise LowbitError("no evaluated variants: nothing to report")
+    base = records[BASELINE]["metrics"] if BASELINE in records else None
     rows = []
     for variant in sorted(records, key=order_key):
         metrics = dict(records[variant]["metrics"])
-        metrics["accuracy_delta"] = (metrics["accuracy"] - base["accuracy"]) * 100.0
+        metrics["accuracy_delta"] = (metrics["accuracy"] - base["accuracy"]) * 100.0 if base else None
         notes = list(records[variant].get("notes", []))
         if "compile_seconds" in metrics:  # measured in evaluate: what the speed figures do not include
             notes.append(f"compiled in {metrics['compile_seconds']:.1f} s (first calls of each shape; not in p50 or samples/s)")
@@ -40,18 +47,19 @@ def build_summary(records: dict[str, dict], max_accuracy_drop: float, sensitivit
     front = pareto_front(rows)
     for row in rows:
         row["pareto"] = row["variant"] in front
+    return {"rows": rows, "sensitivity": sensitivity or [], "missing": missing or {},
+            "recommendation": recommendation(rows, base, max_accuracy_drop)}
+
+
+def recommendation(rows: list[dict], base: dict | None, max_accuracy_drop: float) -> dict:
+    rule = (f"smallest weight_bytes (±{SAME_SIZE:.0%}) within {max_accuracy_drop:g} accuracy points of {BASELINE}, "
+            "then the most accurate, then the fastest")
+    if base is None:
+        return {"variant": None, "rule": rule, "why_none": f"no {BASELINE} baseline in this run to compare against"}
     best = recommend(rows, max_accuracy_drop)
-    return {
-        "rows": rows,
-        "sensitivity": sensitivity or [],
-        "recommendation": {
-            "variant": best["variant"],
-            "rule": f"smallest weight_bytes (±{SAME_SIZE:.0%}) within {max_accuracy_drop:g} accuracy points of {BASELINE}, "
-                    "then the most accurate, then the fastest",
+    return {"variant": best["variant"], "rule": rule,
             "weight_ratio_vs_fp32": best["metrics"]["weight_bytes"] / base["weight_bytes"],
-            "accuracy_delta": best["metrics"]["accuracy_delta"],
-        },
-    }
+            "accuracy_delta": best["metrics"]["accuracy_delta"]}
 
 
 SAME_SIZE = 0.01  # sizes this close are a tie: a few hundred bytes of scales should not outrank accuracy
@@ -100,16 +108,32 @@ def _fmt(value, fmt: str) -> str:
     return f"{value / MIB:.1f}" if fmt == "mib" else fmt.format(value)
 
 
+def recommendation_line(rec: dict) -> str:
+    if rec["variant"] is None:
+        return f"**No recommendation**: {rec['why_none']}."
+    return (f"**Recommended: {rec['variant']}** — {rec['rule']}: {rec['weight_ratio_vs_fp32']:.1%} of fp32 weight bytes, "
+            f"{rec['accuracy_delta']:+.2f} accuracy points.")
+
+
+def missing_lines(missing: dict[str, dict]) -> list[str]:
+    """One line per stage that failed: what is left out of the table, and the stage's error."""
+    lines = []
+    for stage, info in missing.items():
+        stale = f" (earlier models left out: {', '.join(info['variants'])})" if info["variants"] else ""
+        lines.append(f"- **{stage}**{stale}: {info['reason']}")
+    return lines
+
+
 def markdown_report(summary: dict) -> str:
-    rec = summary["recommendation"]
     notes = [f"- {row['variant']}: {note}" for row in summary["rows"] for note in row["notes"]]
-    parts = [
-        "# lowbit report",
-        "",
+    parts = ["# lowbit report", ""]
+    if summary.get("missing"):
+        parts += ["**Incomplete run**: these stages failed, so their variants are not in the table:",
+                  *missing_lines(summary["missing"]), ""]
+    parts += [
         markdown_table(summary),
         "",
-        f"**Recommended: {rec['variant']}** — {rec['rule']}: {rec['weight_ratio_vs_fp32']:.1%} of fp32 weight bytes, "
-        f"{rec['accuracy_delta']:+.2f} accuracy points.",
+        recommendation_line(summary["recommendation"]),
         "",
         "Δacc pts = (accuracy − fp32 accuracy) × 100. bits/param = 8 × weight_bytes / total_params (derived). "
         "q bits = storage bits per quantized weight, scales included. "

@@ -21,6 +21,14 @@ from lowbit.errors import LowbitError
 
 RESULT_FILE = "lowbit_stage.json"
 
+# Set by the flow when stages failed (JSON {stage: why}): evaluate leaves their variants out.
+EXCLUDE_ENV = "LOWBIT_EXCLUDE_STAGES"
+
+
+def excluded_stages() -> dict[str, str]:
+    raw = os.environ.get(EXCLUDE_ENV)
+    return json.loads(raw) if raw else {}
+
 
 @dataclass(frozen=True)
 class Paths:

@@ -2,6 +2,10 @@
 
 Run: python -m tasks.evaluate   (dvc repro evaluate; lowbit run)
 Reads params: evaluate.*, model.max_length, model.trust_remote_code   Writes: metrics/<variant>.json
+
+When stages failed, the flow names them in LOWBIT_EXCLUDE_STAGES (JSON {stage: why}) and runs
+this stage outside DVC: their variants are left out even where an earlier run's model is still
+on disk (it was made from other inputs), and listed under `missing` in metrics/lowbit_stage.json.
 """
 
 from __future__ import annotations
@@ -12,18 +16,25 @@ import torch
 from lowbit.config import Params
 from lowbit.errors import LowbitError
 from lowbit.evaluation import evaluate_saved_variant
-from lowbit.io import atomic_dir, write_json
-from lowbit.stages import RESULT_FILE, Paths, StageClock, stage_main
-from lowbit.variants import discover
+from lowbit.hardware import describe_environment, detect, evaluation_threads
+from lowbit.io import atomic_dir, read_json, write_json
+from lowbit.stages import RESULT_FILE, Paths, StageClock, excluded_stages, stage_main
+from lowbit.variants import CARD, discover
 
 
 def run(params: Params, paths: Paths) -> dict:
     clock = StageClock()
-    if params.evaluate.num_threads:
-        torch.set_num_threads(params.evaluate.num_threads)
-    variants = discover(paths.models)
+    torch.set_num_threads(evaluation_threads(params.evaluate.num_threads, detect()))
+    missing = {stage: {"reason": why, "variants": []} for stage, why in excluded_stages().items()}
+    variants = {}
+    for variant, model_dir in discover(paths.models).items():
+        stage = read_json(model_dir / CARD)["stage"]
+        if stage in missing:
+            missing[stage]["variants"].append(variant)
+        else:
+            variants[variant] = model_dir
     if not variants:
-        raise LowbitError(f"no model variants under {paths.models}; run the baseline stage first (lowbit run)")
+        raise LowbitError(f"no model variants to evaluate under {paths.models}; run the baseline stage first (lowbit run)")
     test = pd.read_parquet(paths.prepared / "test.parquet")
     summary = {}
     with atomic_dir(paths.metrics) as out:
@@ -33,7 +44,8 @@ def run(params: Params, paths: Paths) -> dict:
             record["threads"] = torch.get_num_threads()
             write_json(out / f"{variant}.json", record)
             summary[variant] = record["metrics"]["accuracy"]
-        result = {"accuracy": summary, "stage_seconds": clock.seconds()}
+        result = {"accuracy": summary, "missing": missing, "hardware": describe_environment(),
+                  "stage_seconds": clock.seconds()}
         write_json(out / RESULT_FILE, result)
     return result
 

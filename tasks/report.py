@@ -1,7 +1,7 @@
 """report: comparison table, accuracy-vs-memory Pareto plot and recommendation.
 
 Run: python -m tasks.report   (dvc repro report; lowbit run)
-Reads params: report.*; metrics/, models/ptq/sensitivity.json if present   Writes: reports/summary.md, reports/pareto.png, reports/summary.json
+Reads params: report.*; metrics/ (with the stages that failed, if any), models/ptq/sensitivity.json if present   Writes: reports/summary.md, reports/pareto.png, reports/summary.json
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ def run(params: Params, paths: Paths) -> dict:
     if not records:
         raise LowbitError(f"no metrics under {paths.metrics}; run the evaluate stage first")
     sensitivity = paths.models / "ptq" / "sensitivity.json"
-    summary = build_summary(records, params.report.max_accuracy_drop, read_json(sensitivity) if sensitivity.is_file() else None)
+    missing = read_json(paths.metrics / RESULT_FILE).get("missing", {})  # stages that failed in this run
+    summary = build_summary(records, params.report.max_accuracy_drop,
+                            read_json(sensitivity) if sensitivity.is_file() else None, missing)
     summary["stage_seconds"] = clock.seconds()
     write_report(summary, paths.reports)
     return {"recommendation": summary["recommendation"], "stage_seconds": summary["stage_seconds"]}

@@ -13,7 +13,6 @@ Storage formats:
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -23,8 +22,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForSequenceClassification, BitsAndBytesConfig
 
 from lowbit.config import ModelParams
-from lowbit.errors import LowbitError
+from lowbit.hardware import detect, device_map
 from lowbit.models import load_classifier, load_tokenizer, save_model
+from lowbit.quant.bnb import llm_int8_config, nf4_config, require_bitsandbytes, set_4bit_layouts
 from lowbit.quant.compiled import PROGRAM_FILE, load_program, quantize_pt2e
 from lowbit.quant.ptq import calibrate, linear_names, quantizable_layers, quantize_int8, restore_int8_modules
 from lowbit.variants import register_loader, write_card
@@ -69,17 +69,14 @@ def load_int8(path: Path, card: dict, model: ModelParams):
 @register_loader("bnb")
 def load_bnb(path: Path, card: dict, model: ModelParams):
     require_bitsandbytes()
-    return load_classifier(str(path), model, device_map=card.get("device", "cpu")), load_tokenizer(str(path), model)
+    net = load_classifier(str(path), model, device_map=device_map(detect()))
+    set_4bit_layouts(net, training=False)
+    return net, load_tokenizer(str(path), model)
 
 
 @register_loader("pt2e")
 def load_pt2e(path: Path, card: dict, model: ModelParams):
     return load_program(path), load_tokenizer(str(path), model)
-
-
-def require_bitsandbytes() -> None:
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise LowbitError("bitsandbytes is not installed; run `make install`, or drop nf4/int8_bnb from ptq.schemes")
 
 
 def half(dtype: torch.dtype, variant: str):
@@ -151,15 +148,6 @@ def bnb(variant: str, config: Callable[[list[str]], BitsAndBytesConfig], what: s
     return build
 
 
-def nf4_config(skip: list[str]) -> BitsAndBytesConfig:
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip)
-
-
-def llm_int8_config(skip: list[str]) -> BitsAndBytesConfig:
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-
-
 SCHEMES: dict[str, Callable[[SchemeContext], list[str]]] = {
     "half_bf16": half(torch.bfloat16, "half_bf16"),
     "half_fp16": half(torch.float16, "half_fp16"),
@@ -167,6 +155,6 @@ SCHEMES: dict[str, Callable[[SchemeContext], list[str]]] = {
     "int8_dynamic": int8("dynamic", "ptq_int8_dynamic"),
     "int8_static": int8_static,
     "int8_static_compiled": int8_static_compiled,
-    "nf4": bnb("ptq_nf4", nf4_config, "NF4 4-bit weights, double-quantized block scales, bf16 compute"),
+    "nf4": bnb("ptq_nf4", lambda skip: nf4_config(skip, torch.bfloat16), "NF4 4-bit weights, double-quantized block scales, bf16 compute"),
     "int8_bnb": bnb("ptq_int8_bnb", llm_int8_config, "LLM.int8 weights (bitsandbytes), fp16 matmul with outliers"),
 }

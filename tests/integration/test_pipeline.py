@@ -78,12 +78,34 @@ def test_dvc_repro_and_the_flow_share_one_lock_and_rerun_only_what_changed(tiny_
     assert by_variant["qlora"].data.params["qlora.compute_dtype"] == "auto"
 
 
-def test_flow_from_scratch_then_a_bad_source_fails_cleanly_and_loses_nothing(tiny_project):
+def dvc_changed(root) -> set[str]:
+    with Repo(str(root)) as repo:
+        return {name.split(":")[-1] for name in repo.status()}
+
+
+def test_flow_from_scratch_then_failing_branch_and_bad_source_lose_nothing(tiny_project, capsys):
     root = tiny_project
     first = pipeline(root=str(root))
     assert first["ran"] == ["prepare", "baseline", "ptq", "qat", "lora", "qlora", "evaluate", "report"]
     assert dvc_clean(root)
     assert any((root / ".dvc-remote").rglob("*")), "outputs were pushed to the local DVC remote"
+
+    # One branch fails: the others' results are still evaluated and reported, the failure is named,
+    # the stale qlora models of the first run are left out, and DVC still shows what is missing.
+    capsys.readouterr()
+    assert lowbit_main(["--root", str(root), "run", "-P", "qlora.target_modules=[no_such_layer]"]) == 1
+    out, err = capsys.readouterr()
+    assert "**Incomplete run**" in out and "| lora_merged |" in out and "| qlora |" not in out
+    assert "- **qlora** (earlier models left out: qlora, qlora_merged): stage qlora failed (exit 2)" in out
+    assert "qlora.target_modules: ['no_such_layer'] match no layer" in out
+    assert "1 stage(s) failed: qlora" in err
+    assert not (root / "metrics" / "qlora.json").exists() and (root / "metrics" / "lora.json").exists()
+    assert read_json(root / "reports" / "summary.json")["recommendation"]["variant"]
+    assert dvc_changed(root) == {"qlora", "evaluate", "report"}
+    parents, _ = pipeline_runs(root)
+    assert parents[-1].info.status == "FAILED" and parents[-1].data.tags["lowbit.failed_stages"] == "qlora"
+    assert "qlora: stage qlora failed" in parents[-1].data.tags["lowbit.error"]
+    set_params(root / "params.yaml", {"qlora.target_modules": ["query", "key", "value"]})
     prepared, baseline = sha256_tree(root / "data" / "prepared"), sha256_tree(root / "models" / "baseline")
     cache_files = sorted(p.name for p in (root / ".dvc" / "cache").rglob("*") if p.is_file())
 
@@ -95,7 +117,7 @@ def test_flow_from_scratch_then_a_bad_source_fails_cleanly_and_loses_nothing(tin
     assert sorted(p.name for p in (root / ".dvc" / "cache").rglob("*") if p.is_file()) == cache_files
     assert not [p for p in (root / "data").iterdir() if ".tmp-" in p.name]
     parents, _ = pipeline_runs(root)
-    assert [p.info.status for p in parents] == ["FINISHED", "FAILED"]
+    assert [p.info.status for p in parents] == ["FINISHED", "FAILED", "FAILED"]
     assert "stage prepare failed" in parents[-1].data.tags["lowbit.error"]
 
 

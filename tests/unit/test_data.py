@@ -11,7 +11,7 @@ from lowbit.errors import LowbitError
 
 
 def data_params(**overrides) -> DataParams:
-    base = dict(source="builtin:reviews", text_column="text", label_column="label", test_source=None,
+    base = dict(source="builtin:reviews", header=True, text_column="text", label_column="label", test_source=None,
                 max_rows=None, builtin_rows=600, seed=0)
     return DataParams(**(base | overrides))
 
@@ -51,6 +51,33 @@ def test_file_sources_with_configurable_columns(tmp_path, suffix):
     frame = load_source(str(path), data_params(text_column="sentence", label_column="y"))
     assert list(frame.columns) == ["text", "label"]
     assert len(frame) == 60 and frame["text"].iloc[5] == "text number 5"
+
+
+def test_headerless_csv_and_tsv_by_column_position(tmp_path):
+    # AG News layout: class index, title, description; no header row
+    rows = [(1 + i % 4, f"title {i}", f"description, number {i}") for i in range(80)]
+    (tmp_path / "news.csv").write_text("".join(f'"{label}","{title}","{text}"\n' for label, title, text in rows))
+    (tmp_path / "news.tsv").write_text("".join(f"{label}\t{title}\t{text}\n" for label, title, text in rows))
+    for name in ("news.csv", "news.tsv"):
+        params = data_params(source=str(tmp_path / name), header=False, text_column=2, label_column=0)
+        frame = load_source(params.source, params)
+        assert len(frame) == 80  # the first row is data, not a header
+        assert frame["text"].iloc[0] == "description, number 0" and frame["label"].iloc[0] == 1
+        splits = prepare_splits(params, PREP)
+        assert splits.labels == ["1", "2", "3", "4"]
+
+
+def test_headerless_params_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match="text_column: 'text' is a column name, but header is false"):
+        data_params(header=False, label_column=0)
+    with pytest.raises(ValueError, match="label_column: -1 is not a column position"):
+        data_params(label_column=-1)
+    (tmp_path / "two.csv").write_text("a,1\nb,2\n")
+    with pytest.raises(LowbitError, match=r"data.text_column: position 5 is past the last column; the file has 2 columns"):
+        load_source(str(tmp_path / "two.csv"), data_params(header=False, text_column=5, label_column=1))
+    path = write_frame(tmp_path / "d.jsonl", sample_frame())
+    with pytest.raises(LowbitError, match="data.header: false applies to CSV/TSV files"):
+        load_source(str(path), data_params(header=False, text_column=0, label_column=1))
 
 
 def test_int_labels_keep_numeric_order_and_label_map(tmp_path):

@@ -37,9 +37,26 @@ def test_recommendation_is_smallest_within_the_allowed_drop():
     assert rec["variant"] == "fp32" and rec["weight_ratio_vs_fp32"] == 1.0
 
 
-def test_report_without_baseline_is_explained():
-    with pytest.raises(LowbitError, match="no metrics for the fp32 baseline"):
-        build_summary({"ptq_nf4": RECORDS["ptq_nf4"]}, 1.0)
+def test_report_without_baseline_has_no_deltas_and_says_why_there_is_no_recommendation():
+    missing = {"baseline": {"reason": "stage baseline failed (exit 1): MemoryError", "variants": ["fp32"]}}
+    summary = build_summary({"lora": RECORDS["ptq_nf4"]}, 1.0, missing=missing)
+    assert summary["rows"][0]["metrics"]["accuracy_delta"] is None
+    assert summary["recommendation"]["variant"] is None
+    text = markdown_report(summary)
+    assert "**No recommendation**: no fp32 baseline in this run to compare against." in text
+    assert "- **baseline** (earlier models left out: fp32): stage baseline failed (exit 1): MemoryError" in text
+    with pytest.raises(LowbitError, match="no evaluated variants"):
+        build_summary({}, 1.0)
+
+
+def test_failed_stages_are_listed_above_the_table_of_what_exists():
+    missing = {"qlora": {"reason": "stage qlora failed (exit 1): RuntimeError: in-place", "variants": []}}
+    summary = build_summary(RECORDS, 1.0, missing=missing)
+    text = markdown_report(summary)
+    assert text.index("**Incomplete run**") < text.index("| variant |")
+    assert "- **qlora**: stage qlora failed (exit 1): RuntimeError: in-place" in text
+    assert summary["recommendation"]["variant"] == "ptq_int8_dynamic"  # chosen among the variants that exist
+    assert "Incomplete run" not in markdown_report(build_summary(RECORDS, 1.0))
 
 
 def test_written_report_has_table_plot_and_json(tmp_path):

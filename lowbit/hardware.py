@@ -1,0 +1,155 @@
+"""What this machine can do, and every decision lowbit makes from it.
+
+    caps = detect()                                  # read once from torch and /proc/cpuinfo
+    dtype, why = qlora_compute_dtype("auto", caps)   # a pure function of the capabilities
+
+Machines differ: AVX2-only CPUs, AVX512-BF16/VNNI CPUs, AMX CPUs, CUDA GPUs. Libraries
+branch on these flags on their own (bitsandbytes repacks 4-bit weights on AVX512-BF16,
+oneDNN picks int8 kernels by VNNI/AMX), so a path tested only on one CPU kind breaks on
+another. Here every decision that depends on the hardware is a pure function of an
+injected `Capabilities`; tests call each with every answer (tests/unit/test_hardware.py).
+
+The decisions:
+- `qlora_compute_dtype`     the dtype QLoRA's 4-bit matmuls compute in (`qlora.compute_dtype: auto`)
+- `training_optimizer`      paged 8-bit AdamW on CUDA, plain AdamW on CPU
+- `device_map`              where a bitsandbytes model is loaded
+- `bnb_cpu_repack`          whether a 4-bit layer may use bitsandbytes' AVX512-BF16 inference layout
+- `int8_kernel_family`      which x86 int8 instructions the int8 kernels get (reported, not chosen)
+- `evaluation_threads`      torch intra-op threads while evaluating
+
+Deliberately not hardware-conditional: int8 activations always use 7-bit ranges
+(`reduce_range`). A saved int8 model travels (DVC cache, MLflow registry) to CPUs of
+other kinds, and on one without VNNI full 8-bit activations saturate the u8×s8 pair products.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+CPUINFO = Path("/proc/cpuinfo")
+# The flags that change what lowbit or its libraries do; the rest of /proc/cpuinfo is noise here.
+RELEVANT_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    cuda: bool = False
+    cuda_bf16: bool = False                            # CUDA device with native bf16 (Ampere or newer)
+    cpu_capability: str = "DEFAULT"                    # torch's ATen dispatch level: DEFAULT, AVX2, AVX512
+    cpu_flags: frozenset[str] = field(default_factory=frozenset)  # RELEVANT_FLAGS present in /proc/cpuinfo
+    cpu_bf16_matmul: bool = False                      # oneDNN multiplies bf16 natively (AVX512-BF16 or AMX)
+    cores: int = 1                                     # torch's default intra-op threads
+
+    def describe(self) -> dict:
+        """JSON-able summary for results, benchmarks and bug reports."""
+        return {
+            "cuda": self.cuda, "cuda_bf16": self.cuda_bf16, "cpu_capability": self.cpu_capability,
+            "cpu_flags": sorted(self.cpu_flags), "cpu_bf16_matmul": self.cpu_bf16_matmul, "cores": self.cores,
+            "int8_kernels": int8_kernel_family(self),
+        }
+
+
+def cpu_flags(cpuinfo: str) -> frozenset[str]:
+    """The RELEVANT_FLAGS named on the first `flags` line of a /proc/cpuinfo text."""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            present = set(line.partition(":")[2].split())
+            return frozenset(flag for flag in RELEVANT_FLAGS if flag in present)
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def detect() -> Capabilities:
+    """This process's machine (cached: the hardware does not change while it runs)."""
+    cuda = torch.cuda.is_available()
+    try:
+        flags = cpu_flags(CPUINFO.read_text())
+    except OSError:  # not Linux: torch's dispatch level still says AVX2 / AVX512
+        flags = frozenset()
+    return Capabilities(
+        cuda=cuda,
+        cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        cpu_flags=flags,
+        cpu_bf16_matmul=bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        cores=torch.get_num_threads(),
+    )
+
+
+def qlora_compute_dtype(setting: str, caps: Capabilities) -> tuple[torch.dtype, str]:
+    """The dtype 4-bit matmuls compute in, and why.
+
+    An explicit float32/bfloat16/float16 is taken as set: bitsandbytes trains with each on
+    CPU and CUDA. `auto` takes bf16 where the hardware multiplies it natively, fp16 on a
+    CUDA device without bf16, and fp32 on a CPU without native bf16, where emulated bf16
+    matmuls measured 35x slower than fp32.
+    """
+    if setting != "auto":
+        return getattr(torch, setting), "set by qlora.compute_dtype"
+    if caps.cuda:
+        if caps.cuda_bf16:
+            return torch.bfloat16, "auto: CUDA device with bf16"
+        return torch.float16, "auto: CUDA device without bf16"
+    if caps.cpu_bf16_matmul:
+        return torch.bfloat16, "auto: CPU with native bf16 matmuls"
+    return torch.float32, "auto: this CPU has no native bf16 matmul (emulated bf16 is far slower)"
+
+
+def training_optimizer(caps: Capabilities) -> tuple[str, str]:
+    """(optimizer name, why): bitsandbytes' paged optimizers page state through CUDA unified memory."""
+    if caps.cuda:
+        return "PagedAdamW8bit", "CUDA available: paged 8-bit optimizer states"
+    return "AdamW", "no CUDA: bitsandbytes paged optimizers need a GPU"
+
+
+def device_map(caps: Capabilities) -> str:
+    """Where a bitsandbytes model is loaded. A model trained on a GPU still loads on a CPU-only
+    machine (its saved 4-bit tensors are device-independent), so this follows the machine, not the card."""
+    return "cuda" if caps.cuda else "cpu"
+
+
+# bitsandbytes' AVX512-BF16 layout interleaves rows in blocks of 32 and keeps one absmax per
+# quantization block of each row (functional._convert_weight_packed_for_cpu).
+BNB_REPACK_ROW_BLOCK = 32
+
+
+def bnb_cpu_repack(bnb_has_kernel: bool, training: bool, out_features: int, in_features: int, blocksize: int) -> bool:
+    """Whether a 4-bit layer may switch to bitsandbytes' fused AVX512-BF16 inference layout.
+
+    bitsandbytes (0.49+, PR #1804) repacks a Linear4bit's weight at its first eval-mode call
+    without grad on such CPUs, and never repacks it back when the layer trains again: the
+    next training step then takes the inference-only gemv path and fails ("a view of a leaf
+    Variable ... in-place operation"; issue #2078 is the same missing inverse for `.to()`).
+    It also repacks layers its layout cannot hold: rows not a multiple of 32 or inputs not a
+    multiple of the block size fail with "shape '[32, 0]' is invalid". So: inference only,
+    where bitsandbytes has the kernel, and only for shapes the layout fits.
+    """
+    fits = out_features % BNB_REPACK_ROW_BLOCK == 0 and in_features % blocksize == 0
+    return bnb_has_kernel and not training and fits
+
+
+def int8_kernel_family(caps: Capabilities) -> str:
+    """The instructions x86 int8 GEMMs get here (oneDNN and fbgemm choose by these flags):
+    AMX tiles, AVX512-VNNI/AVX-VNNI dot products, or AVX2 pair products that saturate at int16."""
+    if "amx_int8" in caps.cpu_flags:
+        return "amx"
+    if caps.cpu_flags & {"avx512_vnni", "avx_vnni"}:
+        return "vnni"
+    if "avx2" in caps.cpu_flags or caps.cpu_capability in ("AVX2", "AVX512"):
+        return "avx2"
+    return "generic"
+
+
+def evaluation_threads(setting: int, caps: Capabilities) -> int:
+    """evaluate.num_threads, or 0 = every core torch would use by default."""
+    return setting if setting > 0 else caps.cores
+
+
+def describe_environment() -> dict:
+    """detect() plus the torch build: what a result was measured on."""
+    return {"torch": torch.__version__, **detect().describe(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
