@@ -13,3 +13,9 @@ __version__ = "0.1.0"
 # both logged as warnings on every import. Errors still show.
 for _noisy in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_noisy).setLevel(logging.ERROR)
+
+# On AVX512-BF16 CPUs bitsandbytes tries, at import, to fetch an optional faster 4-bit GEMM from
+# the Hugging Face Hub (`kernels-community`) and warns when it cannot. lowbit runs offline and
+# bitsandbytes falls back to its own fused kernel, so the message is noise. Set here, before peft
+# or transformers can import bitsandbytes; its logger only, so its other warnings still show.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

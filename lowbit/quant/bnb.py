@@ -10,7 +10,6 @@ bitsandbytes is imported only inside these functions: importing it takes about 2
 from __future__ import annotations
 
 import importlib.util
-import logging
 
 import torch
 from torch import nn
@@ -18,12 +17,6 @@ from transformers import BitsAndBytesConfig
 
 from lowbit.errors import LowbitError
 from lowbit.hardware import bnb_cpu_repack
-
-# On AVX512-BF16 CPUs bitsandbytes tries, at import, to fetch an optional faster 4-bit GEMM
-# from the Hugging Face Hub (`kernels-community`) and logs a warning when it cannot. lowbit
-# runs offline and bitsandbytes falls back to its own fused kernel, so the message is noise.
-# Its logger, not a warnings filter, so that every other bitsandbytes warning still shows.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def require_bitsandbytes() -> None:

@@ -169,3 +169,15 @@ def test_set_4bit_layouts_applies_the_decision_to_each_layer(has_kernel, wide_di
     # hidden 64, intermediate 128: every 4-bit layer fits the layout
     assert allowed == (len(layers) if has_kernel else 0)
     assert all(m.support_avx512bf16_for_cpu is has_kernel for m in layers)
+
+
+def test_bitsandbytes_optional_kernel_message_is_silenced_at_its_logger():
+    import logging
+    import subprocess
+    import sys
+
+    # On AVX512-BF16 CPUs bitsandbytes warns at import that it cannot fetch a Hub kernel; peft imports it first.
+    done = subprocess.run([sys.executable, "-c", "import lowbit.adapters"], capture_output=True, text=True, check=True)
+    assert "kernels-community" not in done.stderr
+    assert logging.getLogger("bitsandbytes.backends.cpu.ops").level == logging.ERROR
+    assert logging.getLogger("bitsandbytes").level == logging.NOTSET  # the rest of bitsandbytes still warns
