@@ -72,7 +72,7 @@ def run_stage(root: Path, stage: str) -> dict:
 
 
 def stage_result(root: Path, stage: str) -> dict:
-    from lowbit.stages import Paths
+    from tasks.plumbing import Paths
 
     return json.loads(Paths(root).result(stage).read_text())
 

@@ -23,7 +23,7 @@ from dvc.repo import Repo
 
 from lowbit.errors import LowbitError
 from lowbit.io import read_json
-from lowbit.stages import Paths
+from tasks.plumbing import Paths
 
 _DVC_LOCK = threading.Lock()
 

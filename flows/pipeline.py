@@ -28,8 +28,8 @@ from flows.dvc_stages import push_outputs, run_stage, run_stage_uncommitted
 from lowbit.config import load_params
 from lowbit.errors import LowbitError, StagesFailed
 from lowbit.io import read_json
-from lowbit.stages import EXCLUDE_ENV, RESULT_FILE, Paths
-from lowbit.tracking import Tracker
+from tasks.plumbing import EXCLUDE_ENV, RESULT_FILE, Paths
+from flows.tracking import Tracker
 
 
 # Independent branches, run concurrently up to the task runner's width (`lowbit run --parallel N`):
@@ -114,7 +114,7 @@ def track_results(tracker: Tracker, paths: Paths, outcomes: dict) -> None:
         record = read_json(paths.metrics / f"{variant}.json")
         stage = record["stage"]
         reused = not (outcomes.get(stage, {}).get("ran") or outcomes["evaluate"]["ran"])
-        card = Path(record["model_dir"]) / "lowbit_variant.json"
+        card = paths.root / record["model_dir"] / "lowbit_variant.json"
         tracker.log_variant(record, metrics, stage, reused, [paths.metrics / f"{variant}.json", card])
     tracker.log_artifacts([
         paths.params, paths.root / "dvc.lock", paths.reports / "summary.md", paths.reports / "pareto.png",

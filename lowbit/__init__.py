@@ -1,7 +1,7 @@
 """lowbit: make fine-tuned transformers cheaper, measurably and reproducibly.
 
-The library has no Prefect import; MLflow is used only in lowbit/tracking.py.
-Stages live in tasks/, orchestration in flows/.
+The library layer: usable from a notebook with no Prefect, DVC or MLflow import (a test checks).
+Stage bodies live in tasks/; the command line, flows, DVC glue and tracking in flows/.
 """
 
 import logging

@@ -22,12 +22,13 @@ from lowbit.config import LoraParams, ModelParams, QLoraParams
 from lowbit.errors import LowbitError
 from lowbit.hardware import detect, device_map, qlora_compute_dtype, training_optimizer
 from lowbit.io import read_json
+from lowbit.metrics import quality_metrics
 from lowbit.models import load_classifier, load_tokenizer, resolve_model, save_model
 from lowbit.quant.ptq import quantizable_layers, quantize_int8
 from lowbit.quant.bnb import nf4_config, require_bitsandbytes, set_4bit_layouts
-from lowbit.quant.schemes import save_int8
+from lowbit.quant.int8_storage import save_int8
 from lowbit.train import predict_logits
-from lowbit.variants import register_loader, write_card
+from lowbit.variants import write_card
 
 HEAD = ["classifier"]  # BERT-style sequence classifiers; kept out of 4-bit and trained in full
 
@@ -101,7 +102,6 @@ def merged_model(adapter_dir: Path, base: nn.Module, base_weights: dict[str, tor
     return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
 
 
-@register_loader("peft")
 def load_adapter_model(path: Path, card: dict, model: ModelParams):
     """A saved adapter on its base: the fp32 pretrained model (LoRA) or the same in NF4 (QLoRA)."""
     labels = card["labels"]
@@ -129,8 +129,7 @@ def check_adapter_base(path: Path, card: dict) -> None:
 
 
 def accuracy_on(model: nn.Module, loader) -> float:
-    logits, labels = predict_logits(model, loader)
-    return float((logits.argmax(-1) == labels).mean())
+    return quality_metrics(*predict_logits(model, loader))["accuracy"]
 
 
 def requantize(

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML
 
 from lowbit.errors import LowbitError
@@ -78,24 +78,56 @@ class TrainParams(Section):
     seed: int
 
 
-SchemeName = Literal["half_bf16", "half_fp16", "int8_weight_only", "int8_dynamic", "int8_static", "int8_static_compiled", "nf4", "int8_bnb"]
-ObserverName = Literal["minmax", "percentile", "mse", "entropy"]
+def registered(kind: str, names: list[str], known: list[str]) -> list[str]:
+    """Names checked against a registry, so the message lists what this install really has."""
+    for name in names:
+        if name not in known:
+            raise ValueError(f"{name!r} is not one of the {kind}: {', '.join(known)}")
+    return names
+
+
+def scheme_names() -> list[str]:
+    from lowbit.quant.schemes import SCHEMES  # the registry imports torch: only when validating
+
+    return list(SCHEMES)
+
+
+def observer_names() -> list[str]:
+    from lowbit.quant.observers import OBSERVERS
+
+    return list(OBSERVERS)
 
 
 class PTQParams(Section):
-    schemes: list[SchemeName]
-    observers: list[ObserverName] = Field(min_length=1)
+    schemes: list[str]
+    observers: list[str] = Field(min_length=1)
     percentile: float = Field(gt=50.0, lt=100.0)
+    int4_group_size: int = Field(ge=2, le=4096)
     calib_rows: int = Field(ge=1)
     calib_batch_size: int = Field(ge=1)
     quantize_embeddings: bool
     skip_modules: list[str]
     sensitivity: bool
 
+    @field_validator("schemes")
+    @classmethod
+    def known_schemes(cls, names: list[str]) -> list[str]:
+        return registered("schemes", names, scheme_names())
+
+    @field_validator("observers")
+    @classmethod
+    def known_observers(cls, names: list[str]) -> list[str]:
+        return registered("observers", names, observer_names())
+
 
 class QATParams(TrainParams):
-    init_observer: Literal["ema"] | ObserverName
+    init_observer: str
     observer_freeze_fraction: float = Field(ge=0.0, le=1.0)
+
+    @field_validator("init_observer")
+    @classmethod
+    def known_observer(cls, name: str) -> str:
+        return registered("observers (or ema)", [name], ["ema", *observer_names()])[0]
 
     @model_validator(mode="after")
     def ema_ranges_need_steps_to_form(self) -> "QATParams":

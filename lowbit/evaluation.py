@@ -26,28 +26,10 @@ from lowbit.measure import (
     weight_bytes,
 )
 from lowbit.models import param_counts
-from lowbit.variants import CARD, load_variant
-import lowbit.adapters  # noqa: F401,E402  (registers the peft loader)
-import lowbit.quant.schemes  # noqa: F401,E402  (registers the int8 and bnb loaders)
-from lowbit.metrics import load_metric
+from lowbit.formats import load_variant
+from lowbit.variants import CARD
+from lowbit.metrics import quality_metrics
 from lowbit.train import make_loader
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(axis=1, keepdims=True)
-
-
-def quality_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    probs = softmax(logits.astype(np.float64))
-    preds = probs.argmax(axis=1)
-    out: dict[str, float] = {}
-    out |= load_metric("accuracy").compute(predictions=preds, references=labels)
-    out |= load_metric("f1_macro").compute(predictions=preds, references=labels)
-    out |= load_metric("ece").compute(probabilities=probs, references=labels)
-    out |= load_metric("loss").compute(probabilities=probs, references=labels)
-    return out
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from lowbit.io import tree_bytes
-from lowbit.quant.modules import Int8Embedding, Int8Linear
 
 _PROC_STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -74,11 +73,7 @@ def quantized_weight_stats(model: torch.nn.Module) -> tuple[int, int]:
     count = held = 0
     for module in model.modules():
         weight = getattr(module, "weight", None)
-        if isinstance(module, (Int8Linear, Int8Embedding)):
-            q = module.int8_weight() if isinstance(module, Int8Linear) else module.weight_int8
-            count += q.numel()
-            held += q.numel() + module.weight_scale.numel() * module.weight_scale.element_size()
-        elif callable(own := getattr(module, "quantized_weight_stats", None)):  # a compiled int8 program
+        if callable(own := getattr(module, "quantized_weight_stats", None)):  # lowbit's quantized modules say it themselves
             module_count, module_bytes = own()
             count, held = count + module_count, held + module_bytes
         elif torch.is_tensor(weight) and (state := _bnb_state_tensors(weight)):

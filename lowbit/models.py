@@ -6,16 +6,20 @@ Safetensors only (`use_safetensors=True`): pickled weights are never loaded.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import logging
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from lowbit.config import ModelParams
 from lowbit.errors import LowbitError
 from lowbit.hub import require_hub
 from lowbit.measure import logical_numel
+
+if TYPE_CHECKING:  # annotations only: the params schema imports the scheme registry to validate
+    from lowbit.config import ModelParams
 
 OFFLINE_MODELS = "embedded:minilm-l6, or a local directory with config.json and model.safetensors"
 
@@ -74,6 +78,12 @@ def load_classifier(
         raise LowbitError(f"model {source}: cannot load safetensors weights ({err})") from None
     finally:
         quiet.setLevel(level)
+
+
+def load_saved(path: str | Path, model: ModelParams, **kwargs) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A saved classifier directory (the baseline, a merged copy) and its tokenizer: the one way
+    lowbit loads a model it saved. kwargs go to from_pretrained (dtype, quantization_config)."""
+    return load_classifier(str(path), model, **kwargs), load_tokenizer(str(path), model)
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:

@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from lowbit.errors import LowbitError  # noqa: E402
 from lowbit.io import atomic_write_text, write_json  # noqa: E402
-from lowbit.variants import BASELINE, order_key  # noqa: E402
+from lowbit.variants import BASELINE  # noqa: E402
 
 MIB = 1024 * 1024
 
@@ -37,7 +37,7 @@ def build_summary(
         raise LowbitError("no evaluated variants: nothing to report")
     base = records[BASELINE]["metrics"] if BASELINE in records else None
     rows = []
-    for variant in sorted(records, key=order_key):
+    for variant in sorted(records, key=lambda v: (records[v].get("report_order", len(records)), v)):
         metrics = dict(records[variant]["metrics"])
         metrics["accuracy_delta"] = (metrics["accuracy"] - base["accuracy"]) * 100.0 if base else None
         notes = list(records[variant].get("notes", []))

@@ -24,6 +24,7 @@ from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmu
 
 from lowbit.config import TrainParams
 from lowbit.measure import current_rss_bytes, peak_rss_bytes, release_free_heap, reset_peak_rss, weight_bytes
+from lowbit.metrics import quality_metrics
 
 
 def progress_disabled() -> bool | None:
@@ -154,8 +155,7 @@ def train(
             if on_step:
                 on_step(step)
         seconds += time.perf_counter() - epoch_start  # training only: validation is not in train_samples_s
-        logits, labels = predict_logits(model, val_loader)
-        val_accuracy = float((logits.argmax(-1) == labels).mean())
+        val_accuracy = quality_metrics(*predict_logits(model, val_loader))["accuracy"]
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": val_accuracy})
         if val_accuracy > best[0]:
             best = (val_accuracy, epoch)

@@ -18,8 +18,9 @@ from lowbit.errors import LowbitError
 from lowbit.evaluation import evaluate_saved_variant
 from lowbit.hardware import describe_environment, detect, evaluation_threads
 from lowbit.io import atomic_dir, read_json, write_json
-from lowbit.stages import RESULT_FILE, Paths, StageClock, excluded_stages, stage_main
-from lowbit.variants import CARD, discover
+from tasks.plumbing import RESULT_FILE, Paths, StageClock, excluded_stages, stage_main
+from lowbit.formats import discover
+from lowbit.variants import CARD
 
 
 def run(params: Params, paths: Paths) -> dict:
@@ -41,7 +42,9 @@ def run(params: Params, paths: Paths) -> dict:
         for variant, model_dir in variants.items():
             print(f"evaluate: {variant} ({model_dir.relative_to(paths.root)})", flush=True)
             record = evaluate_saved_variant(variant, model_dir, test, params.evaluate, params.model)
+            record["model_dir"] = str(model_dir.relative_to(paths.root))  # a checkout elsewhere writes the same file
             record["threads"] = torch.get_num_threads()
+            record["report_order"] = len(summary)  # discover() returns variants in report order
             write_json(out / f"{variant}.json", record)
             summary[variant] = record["metrics"]["accuracy"]
         result = {"accuracy": summary, "missing": missing, "hardware": describe_environment(),

@@ -6,10 +6,10 @@ Reads params: lora.*, export.*, model.*   Writes: models/lora/adapter, models/lo
 
 from __future__ import annotations
 
-from lowbit.adapter_stage import run_adapter_stage
+from tasks.adapter_stage import run_adapter_stage
 from lowbit.config import Params
 from lowbit.models import load_classifier
-from lowbit.stages import Paths, stage_main
+from tasks.plumbing import Paths, stage_main
 
 
 def run(params: Params, paths: Paths) -> dict:

@@ -12,7 +12,7 @@ from pathlib import Path
 from lowbit.config import Params
 from lowbit.data import prepare_splits
 from lowbit.io import atomic_dir, sha256_file, sha256_tree, write_json
-from lowbit.stages import RESULT_FILE, Paths, StageClock, stage_main
+from tasks.plumbing import RESULT_FILE, Paths, StageClock, stage_main
 
 SPLITS = ("train", "val", "test", "calib")
 

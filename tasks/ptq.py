@@ -14,18 +14,20 @@ import pandas as pd
 from lowbit.config import Params
 from lowbit.io import atomic_dir, write_json
 from lowbit.measure import peak_rss_bytes, reset_peak_rss
-from lowbit.models import load_classifier, load_tokenizer
-from lowbit.quant.ptq import calib_batches, calibrate, linear_names, quantizable_layers
+from lowbit.models import load_saved
+from lowbit.quant.ptq import calibrate, linear_names, quantizable_layers
+from tasks.calibration import calib_batches
 from lowbit.quant.sensitivity import layer_sensitivity, write_sensitivity
-from lowbit.quant.schemes import SCHEMES, SchemeContext
-from lowbit.stages import RESULT_FILE, Paths, StageClock, stage_main
+from lowbit.quant.scheme import SchemeContext
+from lowbit.quant.schemes import SCHEMES
+from tasks.plumbing import RESULT_FILE, Paths, StageClock, stage_main
 from lowbit.train import make_loader
 
 
 def run_sensitivity(params: Params, paths: Paths, batches: list, out_dir) -> list[dict]:
     """One layer at a time (static int8, first configured observer), scored on the validation split."""
     baseline = paths.models / "baseline"
-    model, tokenizer = load_classifier(str(baseline), params.model), load_tokenizer(str(baseline), params.model)
+    model, tokenizer = load_saved(baseline, params.model)
     layers = quantizable_layers(model, params.ptq.skip_modules, params.ptq.quantize_embeddings)
     ranges = calibrate(model, batches, linear_names(layers), params.ptq.observers[0], params.ptq.percentile)
     val = pd.read_parquet(paths.prepared / "val.parquet")
@@ -42,13 +44,13 @@ def run(params: Params, paths: Paths) -> dict:
         ctx = SchemeContext(
             baseline_dir=paths.models / "baseline", out_root=out, model=params.model,
             skip_modules=params.ptq.skip_modules, quantize_embeddings=params.ptq.quantize_embeddings,
-            observers=params.ptq.observers, percentile=params.ptq.percentile,
+            observers=params.ptq.observers, percentile=params.ptq.percentile, int4_group_size=params.ptq.int4_group_size,
             calib_batches=functools.cache(lambda: calib_batches(paths, params)),
         )
         for scheme in params.ptq.schemes:
             started = time.perf_counter()
             print(f"ptq: {scheme}", flush=True)
-            variants += SCHEMES[scheme](ctx)
+            variants += SCHEMES[scheme].build(ctx)
             seconds[f"{scheme}_seconds"] = time.perf_counter() - started
         if params.ptq.sensitivity:
             started = time.perf_counter()

@@ -13,18 +13,19 @@ import pandas as pd
 
 from lowbit.config import Params
 from lowbit.io import atomic_dir, write_json
-from lowbit.models import load_classifier, load_tokenizer, param_counts
-from lowbit.quant.ptq import calib_batches, calibrate, linear_names, quantizable_layers
+from lowbit.models import load_saved, param_counts
+from lowbit.quant.ptq import calibrate, linear_names, quantizable_layers
+from tasks.calibration import calib_batches
 from lowbit.quant.qat import convert_qat, freeze_observers, prepare_qat
-from lowbit.quant.schemes import save_int8
-from lowbit.stages import RESULT_FILE, Paths, StageClock, stage_main
+from lowbit.quant.int8_storage import save_int8
+from tasks.plumbing import RESULT_FILE, Paths, StageClock, stage_main
 from lowbit.train import train
 
 
 def run(params: Params, paths: Paths) -> dict:
     clock = StageClock()
     baseline = paths.models / "baseline"
-    model, tokenizer = load_classifier(str(baseline), params.model), load_tokenizer(str(baseline), params.model)
+    model, tokenizer = load_saved(baseline, params.model)
     train_frame = pd.read_parquet(paths.prepared / "train.parquet")
     layers = quantizable_layers(model, params.ptq.skip_modules, params.ptq.quantize_embeddings)
     cfg = params.qat

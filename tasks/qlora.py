@@ -6,10 +6,10 @@ Reads params: qlora.*, export.*, model.*   Writes: models/qlora/adapter, models/
 
 from __future__ import annotations
 
-from lowbit.adapter_stage import run_adapter_stage
+from tasks.adapter_stage import run_adapter_stage
 from lowbit.adapters import load_4bit_base
 from lowbit.config import Params
-from lowbit.stages import Paths, stage_main
+from tasks.plumbing import Paths, stage_main
 
 
 def run(params: Params, paths: Paths) -> dict:

@@ -10,7 +10,7 @@ from lowbit.config import Params
 from lowbit.errors import LowbitError
 from lowbit.io import read_json
 from lowbit.report import build_summary, write_report
-from lowbit.stages import RESULT_FILE, Paths, StageClock, stage_main
+from tasks.plumbing import RESULT_FILE, Paths, StageClock, stage_main
 
 
 def run(params: Params, paths: Paths) -> dict:

@@ -30,6 +30,10 @@ MODES = ("weight_only", "dynamic", "static")
 warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*deprecated")
 
 
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 def per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: (int8 [rows, cols], fp32 scale [rows])."""
     q, scale, _ = quantize_tensor(weight.detach().float(), INT8, symmetric=True, axis=0)
@@ -88,6 +92,10 @@ class Int8Linear(nn.Module):
     def lowbit_extra_tensors(self):
         return [] if self.mode == "weight_only" else [torch.ops.quantized.linear_unpack(self._packed)[0]]
 
+    def quantized_weight_stats(self) -> tuple[int, int]:
+        """(int8 weights, their bytes with the per-channel scales): read by measure.quantized_weight_stats."""
+        return self.int8_weight().numel(), self.int8_weight().numel() + _tensor_bytes(self.weight_scale)
+
     @staticmethod
     def _add_packed_weight(module, state_dict, prefix, local_metadata):
         state_dict[prefix + "weight_int8"] = module.int8_weight()
@@ -98,9 +106,6 @@ class Int8Linear(nn.Module):
             module.bias.copy_(state_dict[prefix + "bias"])
         q = state_dict.pop(prefix + "weight_int8")
         module.set_int8_weight(q, state_dict[prefix + "weight_scale"])
-
-    def dequantized_weight(self) -> torch.Tensor:
-        return self.int8_weight().float() * self.weight_scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "weight_only":
@@ -136,6 +141,9 @@ class Int8Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight_int8).float() * self.weight_scale[ids].unsqueeze(-1)
+
+    def quantized_weight_stats(self) -> tuple[int, int]:
+        return self.weight_int8.numel(), self.weight_int8.numel() + _tensor_bytes(self.weight_scale)
 
     def logical_params(self) -> int:
         return self.num_embeddings * self.embedding_dim

@@ -17,15 +17,14 @@ All observers reject NaN or inf, naming the layer, since one such value poisons 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from torch.ao.quantization.observer import HistogramObserver, MinMaxObserver
 
 from lowbit.errors import LowbitError
 from lowbit.quant.affine import ACTIVATION, qparams
-
-OBSERVERS = ("minmax", "percentile", "mse", "entropy")
-
 
 class Observer:
     def __init__(self, layer: str) -> None:
@@ -139,13 +138,17 @@ def kl_threshold(hist: np.ndarray, abs_max: float, levels: int) -> float:
     return best_i / bins * abs_max
 
 
+# The registry of calibration observers: params.yaml validation (ptq.observers, qat.init_observer) reads it.
+# Each takes (layer name for messages, the ptq.percentile setting).
+OBSERVERS: dict[str, Callable[[str, float], Observer]] = {
+    "minmax": lambda layer, percentile: MinMax(layer),
+    "percentile": Percentile,
+    "mse": lambda layer, percentile: MSE(layer),
+    "entropy": lambda layer, percentile: Entropy(layer),
+}
+
+
 def make_observer(name: str, layer: str, percentile: float = 99.99) -> Observer:
-    if name == "minmax":
-        return MinMax(layer)
-    if name == "mse":
-        return MSE(layer)
-    if name == "percentile":
-        return Percentile(layer, percentile)
-    if name == "entropy":
-        return Entropy(layer)
-    raise LowbitError(f"params.yaml: ptq.observers: {name!r} is not one of {', '.join(OBSERVERS)}")
+    if name not in OBSERVERS:
+        raise LowbitError(f"params.yaml: ptq.observers: {name!r} is not one of {', '.join(OBSERVERS)}")
+    return OBSERVERS[name](layer, percentile)

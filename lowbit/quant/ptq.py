@@ -12,17 +12,12 @@ from __future__ import annotations
 
 import fnmatch
 
-import pandas as pd
 import torch
 from torch import nn
 
-from lowbit.config import Params
 from lowbit.errors import LowbitError
-from lowbit.models import load_tokenizer
 from lowbit.quant.modules import Int8Embedding, Int8Linear
 from lowbit.quant.observers import make_observer
-from lowbit.stages import Paths
-from lowbit.train import make_loader
 
 
 EMPTY_CALIBRATION = "calibration: the calib split is empty; raise prepare.calib_size"
@@ -47,19 +42,6 @@ def quantizable_layers(model: nn.Module, skip: list[str], embeddings: bool = Fal
 
 def linear_names(layers: dict[str, nn.Module]) -> list[str]:
     return [n for n, m in layers.items() if isinstance(m, nn.Linear)]
-
-
-def calib_batches(paths: Paths, params: Params) -> list:
-    """The calib split's first ptq.calib_rows rows, tokenized as the baseline was (ptq and qat calibrate on them)."""
-    calib = pd.read_parquet(paths.prepared / "calib.parquet")
-    if len(calib) < params.ptq.calib_rows:
-        raise LowbitError(
-            f"params.yaml: ptq.calib_rows: {params.ptq.calib_rows} asked, but the calib split has {len(calib)} rows; "
-            "lower ptq.calib_rows or raise prepare.calib_size"
-        )
-    tokenizer = load_tokenizer(str(paths.models / "baseline"), params.model)
-    rows = calib.iloc[: params.ptq.calib_rows]
-    return list(make_loader(tokenizer, rows, params.ptq.calib_batch_size, params.model.max_length))
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lowbit.evaluation import quality_metrics  # noqa: E402
+from lowbit.metrics import quality_metrics  # noqa: E402
 from lowbit.io import atomic_write_text, write_json  # noqa: E402
 from lowbit.quant.modules import Int8Embedding, Int8Linear  # noqa: E402
 from lowbit.quant.ptq import set_module  # noqa: E402

@@ -8,7 +8,7 @@ from dvc.repo import Repo
 from mlflow import MlflowClient
 
 from flows.pipeline import pipeline
-from lowbit.cli import main as lowbit_main
+from flows.cli import main as lowbit_main
 from lowbit.errors import LowbitError
 from lowbit.io import read_json, sha256_tree
 from tests.conftest import set_params, venv_env

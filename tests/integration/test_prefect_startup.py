@@ -9,7 +9,7 @@ from tests.conftest import REPO
 
 # What `lowbit run` does around its flow, on a flow that does nothing: the time is Prefect's.
 PING = """
-from lowbit.cli import explained_prefect_startup, prepare_prefect_environment
+from flows.cli import explained_prefect_startup, prepare_prefect_environment
 from lowbit.errors import LowbitError
 prepare_prefect_environment()
 from prefect import flow

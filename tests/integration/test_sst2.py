@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 from lowbit.config import load_params
-from lowbit.stages import Paths
+from tasks.plumbing import Paths
 from tasks import baseline, evaluate, prepare
 from tests.conftest import REPO
 

@@ -132,7 +132,7 @@ def test_an_adapter_from_another_base_is_refused(tiny_dir, tmp_path):
 
 
 def test_a_merge_that_costs_more_than_allowed_fails_with_the_figures(monkeypatch, params):
-    import lowbit.adapter_stage as stage
+    import tasks.adapter_stage as stage
 
     scores = iter([0.90, 0.85])  # adapter model, then the merged copy reloaded from disk
     monkeypatch.setattr(stage, "accuracy_on", lambda model, loader: next(scores))

@@ -1,6 +1,6 @@
 import shutil
 
-from lowbit.cli import main
+from flows.cli import main
 from tests.conftest import REPO
 
 

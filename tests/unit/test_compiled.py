@@ -10,9 +10,10 @@ from lowbit.errors import LowbitError
 from lowbit.measure import quantized_weight_stats, weight_bytes
 from lowbit.models import load_classifier, load_tokenizer, param_counts
 from lowbit.quant.compiled import PROGRAM_FILE
-from lowbit.quant.schemes import SCHEMES, SchemeContext
+from lowbit.quant.scheme import SchemeContext
+from lowbit.quant.schemes import SCHEMES
 from lowbit.train import make_loader, predict_logits
-from lowbit.variants import load_variant
+from lowbit.formats import load_variant
 from tests.tiny_model import tiny_classifier_dir
 
 MODEL = ModelParams(name="tiny", trust_remote_code=False, max_length=32)
@@ -26,8 +27,8 @@ def built(tmp_path_factory):
     frame = data.assign(label=data["label"].map({"negative": 0, "neutral": 1, "positive": 2}))
     fp32, tokenizer = load_classifier(str(tiny_dir), MODEL), load_tokenizer(str(tiny_dir), MODEL)
     batches = list(make_loader(tokenizer, frame.iloc[:48], 16, 32))
-    ctx = SchemeContext(tiny_dir, root / "ptq", MODEL, ["classifier"], True, [], 99.9, lambda: batches)
-    assert SCHEMES["int8_static_compiled"](ctx) == ["ptq_int8_static_compiled"]
+    ctx = SchemeContext(tiny_dir, root / "ptq", MODEL, ["classifier"], True, [], 99.9, 128, lambda: batches)
+    assert SCHEMES["int8_static_compiled"].build(ctx) == ["ptq_int8_static_compiled"]
     return fp32, tokenizer, frame, root / "ptq" / "ptq_int8_static_compiled"
 
 

@@ -99,3 +99,20 @@ def test_digest_changes_with_any_value():
     b = load_params(REPO / "params.yaml", ["evaluate.latency_samples=101"])
     assert a.digest() == load_params(REPO / "params.yaml").digest()
     assert a.digest() != b.digest()
+
+
+def test_scheme_and_observer_names_are_checked_against_their_registries():
+    from lowbit.quant.observers import OBSERVERS
+    from lowbit.quant.schemes import SCHEMES
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["ptq"]["schemes"] = ["int8_dynamic", "int3"]
+    raw["ptq"]["observers"] = ["perc"]
+    raw["qat"]["init_observer"] = "median"
+    with pytest.raises(LowbitError) as err:
+        validate_params(raw, "params.yaml")
+    message = str(err.value)
+    assert f"ptq.schemes: 'int3' is not one of the schemes: {', '.join(SCHEMES)}" in message
+    assert "int4_weight_only" in message  # registered by its module alone
+    assert f"ptq.observers: 'perc' is not one of the observers: {', '.join(OBSERVERS)}" in message
+    assert "qat.init_observer: 'median' is not one of the observers (or ema): ema, minmax" in message

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from lowbit.evaluation import quality_metrics, softmax
+from lowbit.metrics import quality_metrics, softmax
 from lowbit.metrics import load_metric
 
 

@@ -1,12 +1,12 @@
 """dvc.yaml, params.yaml, tasks/ and the CLI must agree on stage names and params."""
 
-import ast
 from pathlib import Path
 
 import yaml
 
-from lowbit.cli import STAGES
+from tasks import STAGES
 from tests.conftest import REPO
+from tests.imports import imported_project_files
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -34,9 +34,10 @@ def test_every_stage_section_is_declared_by_its_stage():
             assert name in stage["params"], f"stage {name} must list its own params section"
 
 
-def test_cli_task_modules_and_dvc_stages_match():
-    modules = {p.stem for p in (REPO / "tasks").glob("*.py") if not p.stem.startswith("_")}
-    assert modules == set(DVC) == set(STAGES)
+def test_stage_registry_stage_modules_and_dvc_stages_match():
+    entry_points = {p.stem for p in (REPO / "tasks").glob("*.py") if "\n    stage_main(" in p.read_text()}
+    assert entry_points == set(DVC) == set(STAGES)
+    assert list(DVC) == list(STAGES)  # dvc.yaml lists them in pipeline order too
 
 
 def test_every_dependency_path_exists():
@@ -53,32 +54,27 @@ def _out(entry) -> str:
 # Plumbing that cannot change what a stage produces: validation, errors, atomic writes, the
 # stage entry point, the Hub probe, package markers. Everything else a stage imports is code
 # whose change must make DVC rerun it, or an old result would pass for the new code's.
-PLUMBING = {"lowbit/__init__.py", "lowbit/config.py", "lowbit/errors.py", "lowbit/io.py", "lowbit/stages.py",
-            "lowbit/hub.py", "lowbit/quant/__init__.py", "lowbit/metrics/__init__.py", "tasks/__init__.py"}
+PLUMBING = {"lowbit/__init__.py", "lowbit/config.py", "lowbit/errors.py", "lowbit/io.py", "lowbit/hub.py",
+            "lowbit/quant/__init__.py", "tasks/__init__.py", "tasks/plumbing.py"}
+CODE_DIRS = ("lowbit/", "tasks/")
+# Folders listed whole: evaluate loads the metric modules by file path; the scheme registry imports
+# every module in its folder.
+WHOLE_FOLDERS = ("lowbit/metrics", "lowbit/quant/schemes")
 
 
-def imported_project_files(path: Path, seen: set[str] | None = None) -> set[str]:
-    """Repo files `path` imports, transitively (static: every import statement, wherever it sits)."""
-    seen = set() if seen is None else seen
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
-        else:
-            continue
-        for name in names:
-            if name.split(".")[0] not in ("lowbit", "tasks"):
-                continue
-            for candidate in (f"{name.replace('.', '/')}.py", f"{name.replace('.', '/')}/__init__.py"):
-                if (REPO / candidate).is_file() and candidate not in seen:
-                    seen.add(candidate)
-                    imported_project_files(REPO / candidate, seen)
-    return seen
+def code_dependencies(stage: str) -> set[str]:
+    """What a stage's dvc.yaml deps must list for its code: each imported file, WHOLE_FOLDERS as one."""
+    needed = imported_project_files(REPO / "tasks" / f"{stage}.py", REPO, ("lowbit", "tasks"), frozenset(PLUMBING))
+    needed = needed - PLUMBING | {f"tasks/{stage}.py"}
+    for folder in WHOLE_FOLDERS:
+        if f"{folder}/__init__.py" in needed:
+            needed = {f for f in needed if not f.startswith(folder + "/")} | {folder}
+    return needed
 
 
-def test_every_stage_depends_on_the_code_it_imports():
+def test_every_stage_depends_on_exactly_the_code_it_imports():
     for name, stage in DVC.items():
-        needed = imported_project_files(REPO / "tasks" / f"{name}.py") - PLUMBING
-        covered = {dep for dep in needed if any(dep == d or dep.startswith(d.rstrip("/") + "/") for d in stage["deps"])}
-        assert needed == covered, f"dvc.yaml {name}: add to deps {sorted(needed - covered)}"
+        listed = {dep for dep in stage["deps"] if dep.startswith(CODE_DIRS)}
+        needed = code_dependencies(name)
+        assert not needed - listed, f"dvc.yaml {name}: add to deps {sorted(needed - listed)}"
+        assert not listed - needed, f"dvc.yaml {name}: remove from deps {sorted(listed - needed)} (the stage does not import it)"

@@ -11,9 +11,10 @@ from lowbit.models import load_classifier, load_tokenizer, param_counts
 from lowbit.quant.modules import Int8Linear
 from lowbit.quant.ptq import calibrate, linear_names, quantizable_layers
 from lowbit.quant.qat import FakeQuantLinear, convert_qat, freeze_observers, prepare_qat
-from lowbit.quant.schemes import SCHEMES, SchemeContext
+from lowbit.quant.scheme import SchemeContext
+from lowbit.quant.schemes import SCHEMES
 from lowbit.train import make_loader, predict_logits, train
-from lowbit.variants import discover, load_variant
+from lowbit.formats import discover, load_variant
 from tests.tiny_model import tiny_classifier_dir
 
 MODEL = ModelParams(name="tiny", trust_remote_code=False, max_length=32)
@@ -57,7 +58,7 @@ def test_every_scheme_saves_real_low_bit_storage_and_reloads_to_the_same_predict
     model, tokenizer = load(tiny_dir)
     fp32_logits, _ = predict_logits(model, make_loader(tokenizer, frame, 32, 32))
     batches = list(make_loader(tokenizer, frame.iloc[:32], 16, 32))
-    ctx = SchemeContext(tiny_dir, tmp_path / "ptq", MODEL, ["classifier"], True, ["minmax", "entropy"], 99.9, lambda: batches)
+    ctx = SchemeContext(tiny_dir, tmp_path / "ptq", MODEL, ["classifier"], True, ["minmax", "entropy"], 99.9, 128, lambda: batches)
     for name, scheme in SCHEMES.items():
         if name != "int8_static_compiled":  # compiles on load: its own test, tests/unit/test_compiled.py
             scheme(ctx)
@@ -78,7 +79,7 @@ def test_every_scheme_saves_real_low_bit_storage_and_reloads_to_the_same_predict
 
 
 def test_nf4_base_weights_are_packed_4bit_with_double_quantized_scales(tiny_dir, tmp_path):
-    ctx = SchemeContext(tiny_dir, tmp_path, MODEL, ["classifier"], True, [], 99.9, list)
+    ctx = SchemeContext(tiny_dir, tmp_path, MODEL, ["classifier"], True, [], 99.9, 128, list)
     SCHEMES["nf4"](ctx)
     model, _ = load_variant(tmp_path / "ptq_nf4", MODEL)
     weight = model.bert.encoder.layer[0].attention.self.query.weight

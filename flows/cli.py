@@ -21,9 +21,9 @@ from pathlib import Path
 
 from lowbit.config import load_params, write_overrides
 from lowbit.errors import LowbitError, StagesFailed
-from lowbit.stages import Paths, quiet_libraries
+from tasks import STAGES
+from tasks.plumbing import Paths, quiet_libraries
 
-STAGES = ("prepare", "baseline", "ptq", "qat", "lora", "qlora", "evaluate", "report")
 
 # Without PREFECT_API_URL, Prefect starts a temporary local API server for the run: a fresh
 # process that imports Prefect's server and migrates a SQLite database. Prefect waits 20 s for
@@ -121,7 +121,7 @@ def cmd_sensitivity(args: argparse.Namespace, paths: Paths) -> int:
     if not (paths.models / "baseline").is_dir():
         raise LowbitError(f"{paths.models / 'baseline'} not found; run `lowbit run` (or `dvc repro baseline`) first")
     quiet_libraries()
-    from lowbit.quant.ptq import calib_batches
+    from tasks.calibration import calib_batches
     from tasks.ptq import run_sensitivity
 
     rows = run_sensitivity(params, paths, calib_batches(paths, params), paths.reports)
