@@ -14,8 +14,9 @@ def raw_params() -> dict:
 
 def test_repo_params_yaml_is_valid_and_complete():
     params = load_params(REPO / "params.yaml")
-    assert isinstance(params, Params)
     assert params.model.name == "embedded:minilm-l6"
+    assert params.digest() == load_params(REPO / "params.yaml").digest()  # the hash MLflow records is stable
+    assert params.digest() != load_params(REPO / "params.yaml", ["baseline.seed=1"]).digest()
     assert set(raw_params()) == set(Params.model_fields)
 
 

@@ -1,3 +1,4 @@
+import time
 import numpy as np
 import pytest
 import torch
@@ -69,10 +70,16 @@ def test_without_proc_memory_readings_fall_back_instead_of_failing(monkeypatch, 
     assert peak_rss_bytes() > 50 * 1024 * 1024  # getrusage's lifetime peak: this process has loaded torch
 
 
-def test_time_calls_runs_warmup_then_times_each_call():
+def test_time_calls_runs_warmup_untimed_then_times_each_call_in_milliseconds():
     calls = []
-    times = time_calls(lambda: calls.append(1), repeats=7, warmup=3)
-    assert len(calls) == 10 and times.shape == (7,) and (times >= 0).all()
+
+    def call():  # the three warm-up calls are slow (30 ms), the timed ones 2 ms
+        calls.append(1)
+        time.sleep(0.030 if len(calls) <= 3 else 0.002)
+
+    times = time_calls(call, repeats=7, warmup=3)
+    assert len(calls) == 10 and times.shape == (7,)
+    assert (times >= 2.0).all() and (times < 25.0).all()  # milliseconds, warm-up excluded
 
 
 def test_latency_summary_percentiles():

@@ -131,6 +131,7 @@ def test_qat_trains_through_fake_quant_and_converts_to_matching_int8(tiny_dir, f
     assert query.input_observer.observing is False
     fake_logits, _ = predict_logits(model, make_loader(tokenizer, frame, 32, 32))
     layout = convert_qat(model)
-    assert layout["bert.encoder.layer.0.attention.self.query"] == "linear:static" and result.best_epoch in (1, 2)
+    assert layout["bert.encoder.layer.0.attention.self.query"] == "linear:static"
+    assert result.history[1]["train_loss"] < result.history[0]["train_loss"]  # it learns through fake quantization
     int8_logits, _ = predict_logits(model, make_loader(tokenizer, frame, 32, 32))
     assert abs(int8_logits - fake_logits).max() < 0.05  # the converted model computes what QAT trained

@@ -39,10 +39,11 @@ def test_training_lowers_the_loss_and_restores_the_best_validation_epoch(tiny):
     logits, labels = predict_logits(model, make_loader(tokenizer, val_frame, 64, 32))
     assert float((logits.argmax(-1) == labels).mean()) == pytest.approx(result.best_val_accuracy)
     assert result.train_samples_s > 0
-    # memory: the derived figure is the trained weights plus the measured growth, and the
-    # process peak covers at least the start-of-training RSS (libraries and weights)
-    assert result.train_memory_bytes == weight_bytes(model) + result.peak_rss_growth_bytes
-    assert 0 <= result.peak_rss_growth_bytes < result.peak_rss_bytes
+    # memory: the RSS growth while training covers at least the gradients and AdamW's two
+    # moments (counted tensor by tensor in train_state_bytes), and the peak covers the growth
+    held_beyond_weights = result.train_state_bytes - weight_bytes(model)
+    assert held_beyond_weights >= 3 * weight_bytes(model) * 0.99  # grads + 2 moments, every weight trainable
+    assert held_beyond_weights <= result.peak_rss_growth_bytes < result.peak_rss_bytes
 
 
 def test_training_is_reproducible_for_a_seed(tmp_path):
