@@ -3,15 +3,14 @@
 Data: ../shared/data/sst2 (Socher et al., 2013). Training: 4,000 rows sampled with
 seed 0 (data.max_rows 4445 less a 10% validation split), 1 epoch, max length 64.
 Test: 872 dev rows sampled with seed 0 (the size of GLUE's SST-2 dev set, as in
-the reference HF scripts). Each stage runs in its own process (`python -m tasks.X`),
-so peak RSS figures are that stage's own.
+the reference HF scripts). Each stage runs as the flow runs it (flows.dvc_stages.execute_stage:
+its dvc.yaml command in a process of its own), so peak RSS figures are that stage's own.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -45,6 +44,7 @@ def make_project(name: str, seed: int, overrides: list[str]) -> Path:
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     shutil.copy2(REPO / "params.yaml", root / "params.yaml")
+    shutil.copy2(REPO / "dvc.yaml", root / "dvc.yaml")  # the stage commands execute_stage runs
     sst2 = [
         f"data.source={SST2 / 'train.tsv'}", f"data.test_source={dev_sample(root)}", "data.text_column=sentence",
         "data.label_column=label", "data.max_rows=4445", "data.seed=0", "prepare.val_fraction=0.1",
@@ -66,8 +66,9 @@ def project(name: str, seed: int, overrides: list[str], reuse: bool) -> Path:
 
 
 def run_stage(root: Path, stage: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), CI="1")
-    subprocess.run([sys.executable, "-m", f"tasks.{stage}"], cwd=root, env=env, check=True, stdout=subprocess.DEVNULL)
+    from flows.dvc_stages import execute_stage
+
+    execute_stage(root, stage, {"PYTHONPATH": str(REPO), "CI": "1"}, stdout=subprocess.DEVNULL)
     return stage_result(root, stage)
 
 

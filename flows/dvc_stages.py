@@ -57,15 +57,15 @@ def push_outputs(root: Path) -> int:
         return repo.push()
 
 
-def execute_stage(root: Path, stage: str, extra_env: dict[str, str] | None = None) -> None:
+def execute_stage(root: Path, stage: str, extra_env: dict[str, str] | None = None, stdout=None) -> None:
     """Run the stage's dvc.yaml command with this interpreter's environment first on PATH.
 
     Its stderr is passed through as it comes and its last line kept: a failure names the
     stage's own error (e.g. `RuntimeError: ...`), so the report and MLflow can say why."""
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **(extra_env or {}))
     tail: deque[str] = deque(maxlen=1)
-    with subprocess.Popen(stage_command(root, stage), shell=True, cwd=root, env=env, stderr=subprocess.PIPE, text=True,
-                          errors="replace") as process:
+    with subprocess.Popen(stage_command(root, stage), shell=True, cwd=root, env=env, stdout=stdout,
+                          stderr=subprocess.PIPE, text=True, errors="replace") as process:
         for line in process.stderr:
             sys.stderr.write(line)
             if line.strip():

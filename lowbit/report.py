@@ -16,14 +16,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-
-from lowbit.errors import LowbitError  # noqa: E402
-from lowbit.io import atomic_write_text, write_json  # noqa: E402
-from lowbit.variants import BASELINE  # noqa: E402
+from lowbit.errors import LowbitError
+from lowbit.io import atomic_write_text, write_json
+from lowbit.tables import markdown_table, plt, save_png, sensitivity_table
+from lowbit.variants import BASELINE
 
 MIB = 1024 * 1024
 
@@ -93,13 +89,11 @@ COLUMNS = [  # (header, metric, format)
 ]
 
 
-def markdown_table(summary: dict) -> str:
-    header = "| variant | " + " | ".join(h for h, _, _ in COLUMNS) + " | pareto |"
-    lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
-    for row in summary["rows"]:
-        cells = [_fmt(row["metrics"].get(key), fmt) for _, key, fmt in COLUMNS]
-        lines.append(f"| {row['variant']} | " + " | ".join(cells) + f" | {'*' if row['pareto'] else ''} |")
-    return "\n".join(lines)
+def variants_table(summary: dict) -> str:
+    header = ["variant", *(h for h, _, _ in COLUMNS), "pareto"]
+    rows = [[row["variant"], *(_fmt(row["metrics"].get(key), fmt) for _, key, fmt in COLUMNS), "*" if row["pareto"] else ""]
+            for row in summary["rows"]]
+    return markdown_table(header, rows)
 
 
 def _fmt(value, fmt: str) -> str:
@@ -131,7 +125,7 @@ def markdown_report(summary: dict) -> str:
         parts += ["**Incomplete run**: these stages failed, so their variants are not in the table:",
                   *missing_lines(summary["missing"]), ""]
     parts += [
-        markdown_table(summary),
+        variants_table(summary),
         "",
         recommendation_line(summary["recommendation"]),
         "",
@@ -141,8 +135,7 @@ def markdown_report(summary: dict) -> str:
     ]
     if summary.get("sensitivity"):
         parts += ["", "Most quantization-sensitive layers (one layer int8 at a time, validation split; "
-                  "candidates for ptq.skip_modules):", "", "| layer | Δacc pts | Δloss |", "|---|---|---|"]
-        parts += [f"| {r['layer']} | {r['accuracy_delta']:+.2f} | {r['loss_delta']:+.4f} |" for r in summary["sensitivity"][:10]]
+                  "candidates for ptq.skip_modules):", "", sensitivity_table(summary["sensitivity"][:10])]
     if notes:
         parts += ["", "Notes:", *notes]
     return "\n".join(parts) + "\n"
@@ -181,10 +174,7 @@ def pareto_plot(summary: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_png(fig, path)
 
 
 def write_report(summary: dict, out_dir: Path) -> None:

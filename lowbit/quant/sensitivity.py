@@ -13,18 +13,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
+from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from lowbit.metrics import quality_metrics  # noqa: E402
-from lowbit.io import atomic_write_text, write_json  # noqa: E402
-from lowbit.quant.modules import Int8Embedding, Int8Linear  # noqa: E402
-from lowbit.quant.ptq import set_module  # noqa: E402
-from lowbit.train import predict_logits  # noqa: E402
+from lowbit.io import atomic_write_text, write_json
+from lowbit.metrics import quality_metrics
+from lowbit.quant.modules import Int8Embedding, Int8Linear
+from lowbit.quant.ptq import set_module
+from lowbit.tables import plt, save_png, sensitivity_table
+from lowbit.train import predict_logits
 
 
 def score(model: nn.Module, loader) -> dict[str, float]:
@@ -54,9 +51,7 @@ def layer_sensitivity(model: nn.Module, layers: dict[str, nn.Module], ranges: di
 def write_sensitivity(rows: list[dict], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "sensitivity.json", rows)
-    lines = ["| layer | Δacc pts | Δloss |", "|---|---|---|"]
-    lines += [f"| {r['layer']} | {r['accuracy_delta']:+.2f} | {r['loss_delta']:+.4f} |" for r in rows]
-    atomic_write_text(out_dir / "sensitivity.md", "# Per-layer int8 sensitivity (validation split)\n\n" + "\n".join(lines) + "\n")
+    atomic_write_text(out_dir / "sensitivity.md", "# Per-layer int8 sensitivity (validation split)\n\n" + sensitivity_table(rows) + "\n")
     shown = rows[:25]
     fig, ax = plt.subplots(figsize=(8, 0.3 * len(shown) + 1.5))
     ax.barh([r["layer"] for r in shown][::-1], [r["loss_delta"] for r in shown][::-1], color="tab:orange")
@@ -64,7 +59,4 @@ def write_sensitivity(rows: list[dict], out_dir: Path) -> None:
     ax.set_title("lowbit: most quantization-sensitive layers")
     ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
-    tmp = out_dir / ".sensitivity.tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out_dir / "sensitivity.png")
+    save_png(fig, out_dir / "sensitivity.png", dpi=110)
