@@ -20,11 +20,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
+
 from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.runtime import flow_run
 
 from flows.dvc_stages import push_outputs, run_stage, run_stage_uncommitted
+from lowbit.calibration import check_calibration_data
 from lowbit.config import load_params
 from lowbit.errors import LowbitError, StagesFailed
 from lowbit.io import read_json
@@ -63,6 +66,7 @@ def pipeline(root: str = ".", force: bool = False, overrides: tuple[str, ...] = 
     try:
         outcomes = {"prepare": stage_task(paths.root, "prepare", force)}  # nothing can run without it
         tracker.tag("lowbit.data_hash", outcomes["prepare"]["result"]["data_hash"])
+        check_calibration_possible(paths, params.evaluate.calibration)  # before hours of training, not after
         failures: dict[str, str] = {}
         baseline = stage_task.submit(paths.root, "baseline", force)
         adapters = {name: stage_task.submit(paths.root, name, force) for name in ADAPTER_BRANCHES}
@@ -95,6 +99,12 @@ def pipeline(root: str = ".", force: bool = False, overrides: tuple[str, ...] = 
     }
 
 
+def check_calibration_possible(paths: Paths, method: str) -> None:
+    """evaluate.calibration is fitted on the val split: refuse one it cannot be fitted on now."""
+    labels = read_json(paths.prepared / "meta.json")["labels"]
+    check_calibration_data(method, pd.read_parquet(paths.prepared / "val.parquet")["label"].to_numpy(), len(labels))
+
+
 def collect(futures: dict, outcomes: dict, failures: dict[str, str]) -> None:
     """Wait for each branch; a failed one goes into `failures` with its error instead of stopping the flow."""
     for name, future in futures.items():
@@ -115,10 +125,12 @@ def track_results(tracker: Tracker, paths: Paths, outcomes: dict) -> None:
         stage = record["stage"]
         reused = not (outcomes.get(stage, {}).get("ran") or outcomes["evaluate"]["ran"])
         card = paths.root / record["model_dir"] / "lowbit_variant.json"
-        tracker.log_variant(record, metrics, stage, reused, [paths.metrics / f"{variant}.json", card])
+        calibrator = paths.metrics / "calibrators" / f"{variant}.json"
+        tracker.log_variant(record, metrics, stage, reused, [paths.metrics / f"{variant}.json", card, calibrator])
     tracker.log_artifacts([
         paths.params, paths.root / "dvc.lock", paths.reports / "summary.md", paths.reports / "pareto.png",
-        paths.reports / "summary.json", paths.prepared / "meta.json", paths.prepared / RESULT_FILE,
+        paths.reports / "reliability.png", paths.reports / "confusion.png", paths.reports / "summary.json",
+        paths.prepared / "meta.json", paths.prepared / RESULT_FILE,
     ])
 
 

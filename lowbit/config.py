@@ -162,6 +162,10 @@ class EvaluateParams(Section):
     latency_samples: int = Field(ge=5)
     warmup_batches: int = Field(ge=0)
     num_threads: int = Field(ge=0)
+    calibration: Literal["none", "temperature", "platt", "isotonic"]
+    bootstrap_resamples: int = Field(ge=1, le=1_000_000)
+    bootstrap_seed: int
+    significance_level: float = Field(gt=0.0, lt=1.0)
 
 
 class ReportParams(Section):

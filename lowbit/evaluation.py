@@ -1,11 +1,18 @@
 """The evaluation harness: one function, every variant, the same test split.
 
-    metrics = evaluate_model(model, tokenizer, test_frame, params.evaluate, max_length=64)
+    metrics, logits, labels = evaluate_model(model, tokenizer, test_frame, params.evaluate, max_length=64)
+    record, predictions = evaluate_saved_variant(variant, model_dir, splits, params.evaluate, params.model, labels)
 
 Quality (`accuracy`, `f1_macro`, `ece`, `loss`) comes from lowbit's own `evaluate`
-metric modules. Speed: `throughput_samples_s` over the pre-tokenized test set at the
-evaluation batch size; `latency_ms_p50/p95` over single examples (batch of 1).
-Tokenization is outside every timed region: the figures are the model's.
+metric modules, each with a 95% interval from a seeded bootstrap over test rows
+(`accuracy_ci_low` / `accuracy_ci_high`, ...; lowbit.statistics). Probability calibration
+(`evaluate.calibration`) is fitted on the validation split only and applied to the test
+probabilities: `ece_calibrated`, `loss_calibrated` (accuracy is the uncalibrated argmax's;
+temperature scaling never changes it). Per-class precision/recall/F1 and the confusion
+matrix go into the record (`per_class`), the worst class's recall into `recall_min_class`.
+Speed: `throughput_samples_s` over the pre-tokenized test set at the evaluation batch size;
+`latency_ms_p50/p95` over single examples (batch of 1). Tokenization is outside every timed
+region: the figures are the model's.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import pandas as pd
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from lowbit.calibration import Calibrator, fit_calibrator, per_class_report, reliability_bins
 from lowbit.config import EvaluateParams, ModelParams
 from lowbit.io import read_json
 from lowbit.measure import (
@@ -28,8 +36,9 @@ from lowbit.measure import (
 from lowbit.models import param_counts
 from lowbit.formats import load_variant
 from lowbit.variants import CARD
-from lowbit.metrics import quality_metrics
-from lowbit.train import make_loader
+from lowbit.metrics import quality_metrics, softmax
+from lowbit.statistics import metric_intervals
+from lowbit.train import make_loader, predict_logits
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -42,7 +51,8 @@ def model_device(model: torch.nn.Module) -> torch.device:
 def evaluate_model(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, test_frame: pd.DataFrame,
     params: EvaluateParams, max_length: int,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """(metrics, test logits [n, classes], labels [n]): quality, throughput and latency on the test split."""
     model.eval()
     device = model_device(model)
     batches = [
@@ -63,7 +73,35 @@ def evaluate_model(
     metrics["throughput_samples_s"] = len(labels) / elapsed
     metrics |= single_example_latency(model, tokenizer, test_frame, params, max_length, device, sync)
     metrics["n_test"] = int(len(labels))
-    return metrics
+    return metrics, logits, labels
+
+
+def quality_analysis(
+    test_logits: np.ndarray, test_labels: np.ndarray, val_logits: np.ndarray, val_labels: np.ndarray,
+    params: EvaluateParams, label_names: list[str],
+) -> tuple[dict[str, float], dict, Calibrator]:
+    """Intervals, calibration (fitted on val only) and the per-class view: (metrics, details, calibrator)."""
+    probabilities = softmax(test_logits.astype(np.float64))
+    calibrator = fit_calibrator(params.calibration, val_logits, val_labels)
+    calibrated = calibrator.apply(test_logits)
+    after = quality_metrics(np.log(np.clip(calibrated, 1e-300, None)), test_labels)
+    per_class = per_class_report(probabilities, test_labels, label_names)
+    metrics = metric_intervals(probabilities, test_labels, params.bootstrap_resamples, params.bootstrap_seed)
+    metrics |= {"ece_calibrated": after["ece"], "loss_calibrated": after["loss"],
+                "recall_min_class": min(c["recall"] for c in per_class["per_class"].values())}
+    details = {"per_class": per_class, "calibration_method": params.calibration,
+               "reliability": {"before": reliability_bins(probabilities, test_labels),
+                               "after": reliability_bins(calibrated, test_labels)}}
+    return metrics, details, calibrator
+
+
+def predict_probabilities(model, tokenizer, texts: list[str], max_length: int, calibrator: Calibrator | None = None,
+                          batch_size: int = 64) -> np.ndarray:
+    """Class probabilities [n, classes] for raw texts, through the variant's fitted calibrator when given
+    (the evaluate stage writes it to metrics/calibrators/<variant>.json: Calibrator.from_json)."""
+    frame = pd.DataFrame({"text": texts, "label": 0})
+    logits, _ = predict_logits(model, make_loader(tokenizer, frame, batch_size, max_length))
+    return calibrator.apply(logits) if calibrator else softmax(logits.astype(np.float64))
 
 
 def single_example_latency(model, tokenizer, test_frame, params, max_length, device, sync) -> dict[str, float]:
@@ -83,9 +121,11 @@ def single_example_latency(model, tokenizer, test_frame, params, max_length, dev
 
 
 def evaluate_saved_variant(
-    variant: str, model_dir: Path, test_frame: pd.DataFrame, params: EvaluateParams, model_params: ModelParams
-) -> dict:
-    """Load one saved variant and measure it: quality, memory, speed, time for this variant."""
+    variant: str, model_dir: Path, test_frame: pd.DataFrame, val_frame: pd.DataFrame, params: EvaluateParams,
+    model_params: ModelParams, label_names: list[str],
+) -> tuple[dict, Calibrator, np.ndarray]:
+    """Load one saved variant and measure it: quality, memory, speed, time for this variant.
+    Returns its record, its calibrator and its test predictions (for paired tests against fp32)."""
     gc.collect()
     reset_peak_rss()
     started = time.perf_counter()
@@ -93,7 +133,10 @@ def evaluate_saved_variant(
     _, total = param_counts(model)
     held = weight_bytes(model)
     quantized_params, quantized_bytes = quantized_weight_stats(model)
-    metrics = evaluate_model(model, tokenizer, test_frame, params, model_params.max_length)
+    metrics, logits, labels = evaluate_model(model, tokenizer, test_frame, params, model_params.max_length)
+    val_logits, val_labels = predict_logits(model, make_loader(tokenizer, val_frame, params.batch_size, model_params.max_length))
+    analysis, details, calibrator = quality_analysis(logits, labels, val_logits, val_labels, params, label_names)
+    metrics |= analysis
     card = read_json(model_dir / CARD)
     metrics |= {
         "weight_bytes": held,
@@ -107,5 +150,6 @@ def evaluate_saved_variant(
     }
     if hasattr(model, "compile_seconds"):  # compiled programs: time spent compiling, inside the warm-up calls
         metrics["compile_seconds"] = model.compile_seconds
-    return {"variant": variant, "format": card["format"], "stage": card["stage"], "model_dir": str(model_dir), "metrics": metrics,
-            "producer": card.get("training", {}), "notes": card.get("notes", [])}
+    record = {"variant": variant, "format": card["format"], "stage": card["stage"], "model_dir": str(model_dir),
+              "metrics": metrics, **details, "producer": card.get("training", {}), "notes": card.get("notes", [])}
+    return record, calibrator, logits.argmax(-1)

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
+from lowbit.calibration import reliability_diagram
 from lowbit.errors import LowbitError
 from lowbit.io import atomic_write_text, write_json
 from lowbit.tables import markdown_table, plt, save_png, sensitivity_table
@@ -39,7 +42,8 @@ def build_summary(
         notes = list(records[variant].get("notes", []))
         if "compile_seconds" in metrics:  # measured in evaluate: what the speed figures do not include
             notes.append(f"compiled in {metrics['compile_seconds']:.1f} s (first calls of each shape; not in p50 or samples/s)")
-        rows.append({"variant": variant, "metrics": metrics, "notes": notes})
+        rows.append({"variant": variant, "metrics": metrics, "notes": notes,
+                     "reliability": records[variant].get("reliability"), "per_class": records[variant].get("per_class")})
     front = pareto_front(rows)
     for row in rows:
         row["pareto"] = row["variant"] in front
@@ -49,23 +53,33 @@ def build_summary(
 
 def recommendation(rows: list[dict], base: dict | None, max_accuracy_drop: float) -> dict:
     rule = (f"smallest weight_bytes (±{SAME_SIZE:.0%}) within {max_accuracy_drop:g} accuracy points of {BASELINE}, "
-            "then the most accurate, then the fastest")
+            "then the most accurate (a difference from fp32 that is not significant counts as none), then the fastest")
     if base is None:
         return {"variant": None, "rule": rule, "why_none": f"no {BASELINE} baseline in this run to compare against"}
-    best = recommend(rows, max_accuracy_drop)
+    best, tied = recommend(rows, max_accuracy_drop, base["accuracy"])
     return {"variant": best["variant"], "rule": rule,
             "weight_ratio_vs_fp32": best["metrics"]["weight_bytes"] / base["weight_bytes"],
-            "accuracy_delta": best["metrics"]["accuracy_delta"]}
+            "accuracy_delta": best["metrics"]["accuracy_delta"],
+            "tied_with_fp32": [r["variant"] for r in tied if not_significant(r)]}
 
 
 SAME_SIZE = 0.01  # sizes this close are a tie: a few hundred bytes of scales should not outrank accuracy
 
 
-def recommend(rows: list[dict], max_accuracy_drop: float) -> dict:
+def not_significant(row: dict) -> bool:
+    """The paired test against fp32 (evaluate stage) found no significant difference."""
+    return row["metrics"].get("accuracy_delta_significant") == 0.0
+
+
+def recommend(rows: list[dict], max_accuracy_drop: float, base_accuracy: float) -> tuple[dict, list[dict]]:
+    """(the recommended row, the rows tied with it on size). Among those, a variant whose accuracy
+    is not significantly different from fp32's ranks as exactly as accurate as fp32: a fraction of
+    a point on a few hundred rows is noise, so it must not decide, and the latency does."""
     eligible = [r for r in rows if r["metrics"]["accuracy_delta"] >= -max_accuracy_drop]
     smallest = min(r["metrics"]["weight_bytes"] for r in eligible)
     tied = [r for r in eligible if r["metrics"]["weight_bytes"] <= smallest * (1 + SAME_SIZE)]
-    return max(tied, key=lambda r: (r["metrics"]["accuracy"], -r["metrics"]["latency_ms_p50"]))
+    credited = lambda r: base_accuracy if not_significant(r) else r["metrics"]["accuracy"]  # noqa: E731
+    return max(tied, key=lambda r: (credited(r), -r["metrics"]["latency_ms_p50"])), tied
 
 
 def pareto_front(rows: list[dict]) -> set[str]:
@@ -80,33 +94,55 @@ def pareto_front(rows: list[dict]) -> set[str]:
     return {r["variant"] for r in rows if not dominated(r)}
 
 
-COLUMNS = [  # (header, metric, format)
-    ("accuracy", "accuracy", "{:.4f}"), ("Δacc pts", "accuracy_delta", "{:+.2f}"), ("f1_macro", "f1_macro", "{:.4f}"),
-    ("ece", "ece", "{:.4f}"), ("weight MiB", "weight_bytes", "mib"), ("disk MiB", "disk_bytes", "mib"),
-    ("bits/param", "bits_per_param", "{:.2f}"), ("q bits", "quantized_bits_per_param", "{:.2f}"),
-    ("p50 ms", "latency_ms_p50", "{:.2f}"),
+COLUMNS = [  # (header, metric, format); accuracy and Δacc have cells of their own
+    ("f1_macro", "f1_macro", "{:.4f}"), ("ece → cal", "ece", "ece"), ("weight MiB", "weight_bytes", "mib"),
+    ("disk MiB", "disk_bytes", "mib"), ("bits/param", "bits_per_param", "{:.2f}"),
+    ("q bits", "quantized_bits_per_param", "{:.2f}"), ("p50 ms", "latency_ms_p50", "{:.2f}"),
     ("p95 ms", "latency_ms_p95", "{:.2f}"), ("samples/s", "throughput_samples_s", "{:.1f}"),
 ]
 
 
 def variants_table(summary: dict) -> str:
-    header = ["variant", *(h for h, _, _ in COLUMNS), "pareto"]
-    rows = [[row["variant"], *(_fmt(row["metrics"].get(key), fmt) for _, key, fmt in COLUMNS), "*" if row["pareto"] else ""]
+    header = ["variant", "accuracy [95% CI]", "Δacc pts", *(h for h, _, _ in COLUMNS), "pareto"]
+    rows = [[row["variant"], accuracy_cell(row["metrics"]), delta_cell(row["metrics"]),
+             *(_fmt(row["metrics"].get(key), fmt, row["metrics"]) for _, key, fmt in COLUMNS), "*" if row["pareto"] else ""]
             for row in summary["rows"]]
     return markdown_table(header, rows)
 
 
-def _fmt(value, fmt: str) -> str:
+def accuracy_cell(metrics: dict) -> str:
+    if "accuracy_ci_low" not in metrics:
+        return f"{metrics['accuracy']:.4f}"
+    return f"{metrics['accuracy']:.4f} [{metrics['accuracy_ci_low']:.3f}, {metrics['accuracy_ci_high']:.3f}]"
+
+
+def delta_cell(metrics: dict) -> str:
+    """Δ points vs fp32, † where McNemar's test finds the difference significant."""
+    if metrics.get("accuracy_delta") is None:
+        return "–"
+    return f"{metrics['accuracy_delta']:+.2f}" + ("†" if metrics.get("accuracy_delta_significant") == 1.0 else "")
+
+
+def _fmt(value, fmt: str, metrics: dict | None = None) -> str:
     if value is None:
         return "–"
-    return f"{value / MIB:.1f}" if fmt == "mib" else fmt.format(value)
+    if fmt == "mib":
+        return f"{value / MIB:.1f}"
+    if fmt == "ece":
+        after = (metrics or {}).get("ece_calibrated")
+        return f"{value:.4f}" + (f" → {after:.4f}" if after is not None else "")
+    return fmt.format(value)
 
 
 def recommendation_line(rec: dict) -> str:
     if rec["variant"] is None:
         return f"**No recommendation**: {rec['why_none']}."
-    return (f"**Recommended: {rec['variant']}** — {rec['rule']}: {rec['weight_ratio_vs_fp32']:.1%} of fp32 weight bytes, "
+    line = (f"**Recommended: {rec['variant']}** — {rec['rule']}: {rec['weight_ratio_vs_fp32']:.1%} of fp32 weight bytes, "
             f"{rec['accuracy_delta']:+.2f} accuracy points.")
+    if len(rec.get("tied_with_fp32", [])) > 1:
+        line += (f" Of the same size and not significantly different from fp32 (so ranked as equally accurate, "
+                 f"then by latency): {', '.join(rec['tied_with_fp32'])}.")
+    return line
 
 
 def missing_lines(missing: dict[str, dict]) -> list[str]:
@@ -129,10 +165,15 @@ def markdown_report(summary: dict) -> str:
         "",
         recommendation_line(summary["recommendation"]),
         "",
-        "Δacc pts = (accuracy − fp32 accuracy) × 100. bits/param = 8 × weight_bytes / total_params (derived). "
+        "accuracy [95% CI]: percentile interval of a seeded bootstrap over test rows. "
+        "Δacc pts = (accuracy − fp32 accuracy) × 100, on the same rows; † = significant by McNemar's exact test "
+        "(evaluate.significance_level). ece → cal: expected calibration error before → after the calibration fitted "
+        "on the validation split (evaluate.calibration). bits/param = 8 × weight_bytes / total_params (derived). "
         "q bits = storage bits per quantized weight, scales included. "
         "Latency: batch of 1; samples/s: evaluation batch. pareto: no variant is both more accurate and smaller.",
     ]
+    parts += ["", "Figures: pareto.png (accuracy vs memory), reliability.png (confidence vs accuracy per variant, "
+              "before and after calibration), confusion.png (per-class confusion per variant)."]
     if summary.get("sensitivity"):
         parts += ["", "Most quantization-sensitive layers (one layer int8 at a time, validation split; "
                   "candidates for ptq.skip_modules):", "", sensitivity_table(summary["sensitivity"][:10])]
@@ -177,8 +218,36 @@ def pareto_plot(summary: dict, path: Path) -> None:
     save_png(fig, path)
 
 
+def confusion_plot(summary: dict, path: Path) -> None:
+    """One confusion matrix per variant (rows: true label, columns: predicted), shares of each true label:
+    a quantized model that collapses one class shows as an empty column even when accuracy holds."""
+    rows = [r for r in summary["rows"] if r.get("per_class")]
+    columns = min(4, len(rows))
+    fig, axes = plt.subplots((len(rows) + columns - 1) // columns, columns, figsize=(3 * columns, 2.8 * ((len(rows) + columns - 1) // columns)),
+                             squeeze=False)
+    for ax, row in zip(axes.flat, rows):
+        counts = np.array(row["per_class"]["confusion_matrix"], dtype=float)
+        shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        ax.imshow(shares, vmin=0, vmax=1, cmap="Blues")
+        names = row["per_class"]["labels"]
+        ax.set_xticks(range(len(names)), names, fontsize=6, rotation=45)
+        ax.set_yticks(range(len(names)), names, fontsize=6)
+        for (i, j), share in np.ndenumerate(shares):
+            ax.text(j, i, f"{share:.2f}", ha="center", va="center", fontsize=6, color="white" if share > 0.5 else "black")
+        ax.set_title(row["variant"], fontsize=8)
+    for ax in list(axes.flat)[len(rows):]:
+        ax.axis("off")
+    fig.suptitle("lowbit: confusion per variant (rows: true label; share of each row)", fontsize=9)
+    fig.tight_layout()
+    save_png(fig, path)
+
+
 def write_report(summary: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     pareto_plot(summary, out_dir / "pareto.png")
+    curves = {r["variant"]: r["reliability"] for r in summary["rows"] if r.get("reliability")}
+    if curves:
+        reliability_diagram(curves, out_dir / "reliability.png")
+        confusion_plot(summary, out_dir / "confusion.png")
     atomic_write_text(out_dir / "summary.md", markdown_report(summary))
     write_json(out_dir / "summary.json", summary)

@@ -1,7 +1,9 @@
 """evaluate: one harness, every variant found under models/, the test split.
 
 Run: python -m tasks.evaluate   (dvc repro evaluate; lowbit run)
-Reads params: evaluate.*, model.max_length, model.trust_remote_code   Writes: metrics/<variant>.json
+Reads params: evaluate.*, model.max_length, model.trust_remote_code
+Writes: metrics/<variant>.json (quality with 95% intervals, calibration before/after, per-class view,
+the paired test against fp32, memory, speed), metrics/calibrators/<variant>.json (fitted on val)
 
 When stages failed, the flow names them in LOWBIT_EXCLUDE_STAGES (JSON {stage: why}) and runs
 this stage outside DVC: their variants are left out even where an earlier run's model is still
@@ -10,6 +12,7 @@ on disk (it was made from other inputs), and listed under `missing` in metrics/l
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -20,7 +23,8 @@ from lowbit.hardware import describe_environment, detect, evaluation_threads
 from lowbit.io import atomic_dir, read_json, write_json
 from tasks.plumbing import RESULT_FILE, Paths, StageClock, excluded_stages, stage_main
 from lowbit.formats import discover
-from lowbit.variants import CARD
+from lowbit.statistics import paired_comparison
+from lowbit.variants import BASELINE, CARD
 
 
 def run(params: Params, paths: Paths) -> dict:
@@ -37,20 +41,38 @@ def run(params: Params, paths: Paths) -> dict:
     if not variants:
         raise LowbitError(f"no model variants to evaluate under {paths.models}; run the baseline stage first (lowbit run)")
     test = pd.read_parquet(paths.prepared / "test.parquet")
-    summary = {}
+    val = pd.read_parquet(paths.prepared / "val.parquet")
+    labels = read_json(paths.prepared / "meta.json")["labels"]
+    summary, reference = {}, None
     with atomic_dir(paths.metrics) as out:
         for variant, model_dir in variants.items():
             print(f"evaluate: {variant} ({model_dir.relative_to(paths.root)})", flush=True)
-            record = evaluate_saved_variant(variant, model_dir, test, params.evaluate, params.model)
+            record, calibrator, predictions = evaluate_saved_variant(
+                variant, model_dir, test, val, params.evaluate, params.model, labels)
+            correct = predictions == test["label"].to_numpy()
+            if variant == BASELINE:  # discover() yields it first: every other variant is compared with it
+                reference = correct
+            if reference is not None:
+                record["metrics"] |= compared_with_baseline(correct, reference, params)
             record["model_dir"] = str(model_dir.relative_to(paths.root))  # a checkout elsewhere writes the same file
             record["threads"] = torch.get_num_threads()
             record["report_order"] = len(summary)  # discover() returns variants in report order
             write_json(out / f"{variant}.json", record)
+            write_json(out / "calibrators" / f"{variant}.json", calibrator.to_json())
             summary[variant] = record["metrics"]["accuracy"]
         result = {"accuracy": summary, "missing": missing, "hardware": describe_environment(),
                   "stage_seconds": clock.seconds()}
         write_json(out / RESULT_FILE, result)
     return result
+
+
+def compared_with_baseline(correct: np.ndarray, reference: np.ndarray, params: Params) -> dict:
+    """McNemar's exact test and a paired-bootstrap interval of the accuracy delta vs fp32, on the same rows."""
+    evaluate = params.evaluate
+    compared = paired_comparison(correct, reference, evaluate.bootstrap_resamples, evaluate.bootstrap_seed,
+                                 evaluate.significance_level)
+    compared["accuracy_delta_significant"] = float(compared.pop("significant"))  # MLflow metrics are numbers
+    return compared
 
 
 if __name__ == "__main__":

@@ -36,6 +36,12 @@ def test_dvc_repro_and_the_flow_share_one_lock_and_rerun_only_what_changed(tiny_
     majority = pd.read_parquet(root / "data" / "prepared" / "test.parquet")["label"].value_counts(normalize=True).max()
     assert fp32["metrics"]["accuracy"] > majority + 0.1, (fp32["metrics"]["accuracy"], majority)  # it learnt something
     assert fp32["metrics"]["weight_bytes"] > 80 * 2**20
+    m = fp32["metrics"]
+    assert m["accuracy_ci_low"] <= m["accuracy"] <= m["accuracy_ci_high"] and m["accuracy_ci_high"] - m["accuracy_ci_low"] > 0.01
+    assert m["accuracy_delta"] == 0.0 and m["mcnemar_p_value"] == 1.0 and m["accuracy_delta_significant"] == 0.0
+    assert m["ece_calibrated"] >= 0 and read_json(root / "metrics" / "calibrators" / "fp32.json")["method"] == "temperature"
+    assert sum(fp32["per_class"]["per_class"][name]["support"] for name in fp32["per_class"]["labels"]) == m["n_test"]
+    assert (root / "reports" / "reliability.png").stat().st_size > 10_000 and (root / "reports" / "confusion.png").is_file()
     assert (root / "reports" / "pareto.png").is_file() and dvc_clean(root)
 
     # The flow sees dvc repro's lock as its own: nothing reruns.
@@ -131,3 +137,11 @@ def test_bad_params_fail_before_any_work(tiny_project, capsys):
     err = capsys.readouterr().err
     assert "params.yaml" in err and "baseline.epochs" in err and "greater than or equal to 1" in err
     assert not (root / "data" / "prepared").exists() and not (root / "mlflow.db").exists()
+
+
+def test_a_calibration_the_val_split_cannot_support_fails_before_any_training(tiny_project):
+    root = tiny_project
+    set_params(root / "params.yaml", {"evaluate.calibration": "isotonic"})  # ~24 val rows: under 20 per class
+    with pytest.raises(LowbitError, match="evaluate.calibration: isotonic needs at least 20 validation rows per class"):
+        pipeline(root=str(root))
+    assert (root / "data" / "prepared" / "val.parquet").is_file() and not (root / "models").exists()

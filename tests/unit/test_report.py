@@ -96,3 +96,38 @@ def test_plot_labels_that_would_overprint_share_one_label_most_accurate_first():
     groups = label_groups(points)
     assert groups[1] == (["ptq_int8_weight_only", "ptq_int8_dynamic"], 22.0, 0.918)
     assert sorted(len(g[0]) for g in groups) == [1, 1, 1, 2]  # minmax is 4 points lower: its own label
+
+
+def with_test(rec, delta, significant, latency, ci=(0.88, 0.92)):
+    rec = {"metrics": dict(rec["metrics"])}
+    rec["metrics"] |= {"accuracy_delta_significant": float(significant), "latency_ms_p50": latency,
+                       "accuracy_ci_low": ci[0], "accuracy_ci_high": ci[1]}
+    return rec
+
+
+def test_variants_not_significantly_different_from_fp32_tie_on_accuracy_and_latency_decides():
+    records = {
+        "fp32": with_test(record(0.900, 400), 0, False, 10.0),
+        "ptq_int8_static_percentile": with_test(record(0.903, 120), 0.3, False, 9.0),  # one row better: noise
+        "ptq_int8_dynamic": with_test(record(0.898, 120), -0.2, False, 6.0),            # faster, equally accurate
+        "ptq_int8_weight_only": with_test(record(0.899, 121), -0.1, False, 12.0),
+    }
+    summary = build_summary(records, 1.0)
+    rec = summary["recommendation"]
+    assert rec["variant"] == "ptq_int8_dynamic"
+    assert set(rec["tied_with_fp32"]) == {"ptq_int8_static_percentile", "ptq_int8_dynamic", "ptq_int8_weight_only"}
+    text = markdown_report(summary)
+    assert "not significantly different from fp32 (so ranked as equally accurate, then by latency)" in text
+    # a significant gain is a real gain: it wins on accuracy
+    records["ptq_int8_static_percentile"] = with_test(record(0.930, 120), 3.0, True, 9.0)
+    assert build_summary(records, 1.0)["recommendation"]["variant"] == "ptq_int8_static_percentile"
+
+
+def test_table_shows_the_interval_the_significance_mark_and_calibrated_ece():
+    records = {"fp32": with_test(record(0.900, 400), 0, False, 1.0, (0.871, 0.925)),
+               "ptq_nf4": with_test(record(0.850, 70), -5.0, True, 1.0)}
+    records["ptq_nf4"]["metrics"]["ece_calibrated"] = 0.0123
+    table = markdown_report(build_summary(records, 10.0))
+    assert "| fp32 | 0.9000 [0.871, 0.925] | +0.00 |" in table
+    assert "| ptq_nf4 | 0.8500 [0.880, 0.920] | -5.00† |" in table
+    assert "0.0500 → 0.0123" in table
