@@ -61,10 +61,10 @@ def test_every_scheme_saves_real_low_bit_storage_and_reloads_to_the_same_predict
     ctx = SchemeContext(tiny_dir, tmp_path / "ptq", MODEL, ["classifier"], True, ["minmax", "entropy"], 99.9, 128, lambda: batches)
     for name, scheme in SCHEMES.items():
         if name != "int8_static_compiled":  # compiles on load: its own test, tests/unit/test_compiled.py
-            scheme(ctx)
+            scheme.build(ctx)
     found = discover(tmp_path)
     assert set(found) == {"half_bf16", "half_fp16", "ptq_int8_weight_only", "ptq_int8_dynamic", "ptq_int8_static_minmax",
-                          "ptq_int8_static_entropy", "ptq_nf4", "ptq_int8_bnb"}
+                          "ptq_int8_static_entropy", "ptq_int4_weight_only", "ptq_nf4", "ptq_int8_bnb"}
     fp32_bytes = weight_bytes(model)
     for variant, path in found.items():
         reloaded, _ = load_variant(path, MODEL)
@@ -80,7 +80,7 @@ def test_every_scheme_saves_real_low_bit_storage_and_reloads_to_the_same_predict
 
 def test_nf4_base_weights_are_packed_4bit_with_double_quantized_scales(tiny_dir, tmp_path):
     ctx = SchemeContext(tiny_dir, tmp_path, MODEL, ["classifier"], True, [], 99.9, 128, list)
-    SCHEMES["nf4"](ctx)
+    SCHEMES["nf4"].build(ctx)
     model, _ = load_variant(tmp_path / "ptq_nf4", MODEL)
     weight = model.bert.encoder.layer[0].attention.self.query.weight
     assert weight.dtype == torch.uint8 and weight.numel() == 32 * 32 // 2
