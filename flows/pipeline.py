@@ -1,4 +1,4 @@
-"""The lowbit pipeline as one Prefect flow; it reads like DESIGN.md's diagram.
+"""The lowbit pipeline as one Prefect flow; it reads like the pipeline diagram in README.md.
 
 Run: lowbit run        (or: python -m flows.pipeline)
 
@@ -39,6 +39,7 @@ from flows.tracking import Tracker
 # ptq and qat start from the FP32 baseline, the adapters from the pretrained model.
 BASELINE_BRANCHES = ("ptq", "qat")
 ADAPTER_BRANCHES = ("lora", "qlora")
+VARIANT_STAGES = ("baseline", *BASELINE_BRANCHES, *ADAPTER_BRANCHES)
 
 
 @task(name="stage", task_run_name="{stage}")
@@ -77,6 +78,8 @@ def pipeline(root: str = ".", force: bool = False, overrides: tuple[str, ...] = 
         else:
             quantized = {name: stage_task.submit(paths.root, name, force) for name in BASELINE_BRANCHES}
         collect(quantized | adapters, outcomes, failures)
+        if failures and not any(stage in outcomes for stage in VARIANT_STAGES):
+            raise StagesFailed(failures, "No report: every stage that produces a variant failed.")
         for stage in ("evaluate", "report"):
             outcomes[stage] = (partial_stage_task(paths.root, stage, failures) if failures
                                else stage_task(paths.root, stage, force))

@@ -5,7 +5,7 @@ params.yaml (a local SQLite file by default) unless MLFLOW_TRACKING_URI is set.
 
 Parent run tags: lowbit.git_commit, lowbit.git_dirty, lowbit.params_hash,
 lowbit.data_hash, lowbit.prefect_flow_run_id, lowbit.overrides. Nested run per
-variant: its stage's params, its evaluation metrics (names as in DESIGN.md), the
+variant: its stage's params, its evaluation metrics (the names in metrics/<variant>.json), the
 producing stage's figures (a name that collides with an evaluation metric gets a
 `train_` prefix, e.g. train_peak_rss_bytes), and its metrics JSON and card as artifacts.
 """

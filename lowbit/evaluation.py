@@ -1,7 +1,8 @@
 """The evaluation harness: one function, every variant, the same test split.
 
     metrics, logits, labels = evaluate_model(model, tokenizer, test_frame, params.evaluate, max_length=64)
-    record, predictions = evaluate_saved_variant(variant, model_dir, splits, params.evaluate, params.model, labels)
+    record, calibrator, predictions = evaluate_saved_variant(variant, model_dir, test, val, params.evaluate,
+                                                             params.model, label_names)
 
 Quality (`accuracy`, `f1_macro`, `ece`, `loss`) comes from lowbit's own `evaluate`
 metric modules, each with a 95% interval from a seeded bootstrap over test rows

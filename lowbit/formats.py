@@ -57,9 +57,14 @@ def order_key(variant: str) -> tuple[int, str]:
 
 
 def discover(models_dir: Path) -> dict[str, Path]:
-    """variant name -> model directory, for every card under models/ (sorted in report order)."""
+    """variant name -> model directory, for every card under models/ (sorted in report order).
+
+    Hidden folders are skipped: a stage killed outright (out of memory, SIGKILL) can leave its
+    temporary `.ptq.tmp-*` output behind, and it is not a variant."""
     found: dict[str, Path] = {}
     for card in sorted(models_dir.rglob(CARD)):
+        if any(part.startswith(".") for part in card.relative_to(models_dir).parts):
+            continue
         name = read_json(card)["variant"]
         if name in found:
             raise LowbitError(f"variant {name!r} is produced twice: {found[name]} and {card.parent}")

@@ -6,7 +6,8 @@
 `accuracy_delta` = (variant accuracy − fp32 accuracy) × 100, in points.
 The recommendation is the variant with the smallest `weight_bytes` (sizes within 1% are
 a tie) whose accuracy is within `max_accuracy_drop` points of fp32; among ties the most
-accurate, then the fastest at batch 1.
+accurate, where a variant not significantly different from fp32 (the evaluate stage's
+McNemar test) counts as exactly as accurate as fp32, then the fastest at batch 1.
 
 Stages that failed in this run are listed as missing, with their error; without the fp32
 baseline there is no delta and no recommendation, and the report says why.
@@ -246,8 +247,9 @@ def write_report(summary: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     pareto_plot(summary, out_dir / "pareto.png")
     curves = {r["variant"]: r["reliability"] for r in summary["rows"] if r.get("reliability")}
-    if curves:
-        reliability_diagram(curves, out_dir / "reliability.png")
-        confusion_plot(summary, out_dir / "confusion.png")
+    if not curves:  # dvc.yaml declares both figures: never leave an earlier run's in place
+        raise LowbitError("the metrics hold no reliability bins or per-class counts; rerun the evaluate stage")
+    reliability_diagram(curves, out_dir / "reliability.png")
+    confusion_plot(summary, out_dir / "confusion.png")
     atomic_write_text(out_dir / "summary.md", markdown_report(summary))
     write_json(out_dir / "summary.json", summary)

@@ -1,7 +1,7 @@
 """report: comparison table, accuracy-vs-memory Pareto plot and recommendation.
 
 Run: python -m tasks.report   (dvc repro report; lowbit run)
-Reads params: report.*; metrics/ (with the stages that failed, if any), models/ptq/sensitivity.json if present   Writes: reports/summary.md, reports/pareto.png, reports/summary.json
+Reads params: report.*; metrics/ (with the stages that failed, if any), models/ptq/sensitivity.json if present   Writes: reports/summary.md, reports/pareto.png, reports/reliability.png, reports/confusion.png, reports/summary.json
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
+import numpy as np
 import pytest
+
+from lowbit.calibration import per_class_report, reliability_bins
 
 from lowbit.errors import LowbitError
 from lowbit.report import build_summary, label_groups, markdown_report, pareto_front, write_report
@@ -59,14 +62,29 @@ def test_failed_stages_are_listed_above_the_table_of_what_exists():
     assert "Incomplete run" not in markdown_report(build_summary(RECORDS, 1.0))
 
 
-def test_written_report_has_table_plot_and_json(tmp_path):
-    summary = build_summary(RECORDS, 1.0)
+def with_evaluation_details(records: dict) -> dict:
+    """Records as the evaluate stage writes them: reliability bins and the per-class view too."""
+    rng = np.random.default_rng(0)
+    probabilities, labels = rng.dirichlet([1, 1, 1], size=60), rng.integers(0, 3, size=60)
+    details = {"reliability": {"before": reliability_bins(probabilities, labels)},
+               "per_class": per_class_report(probabilities, labels, ["neg", "neu", "pos"])}
+    return {name: rec | details for name, rec in records.items()}
+
+
+def test_written_report_has_table_plots_and_json(tmp_path):
+    summary = build_summary(with_evaluation_details(RECORDS), 1.0)
     write_report(summary, tmp_path)
     text = (tmp_path / "summary.md").read_text()
     assert "| ptq_int8_dynamic | 0.8950 | -0.50 |" in text
     assert "**Recommended: ptq_int8_dynamic**" in text and "30.0% of fp32 weight bytes" in text
-    assert (tmp_path / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for figure in ("pareto.png", "reliability.png", "confusion.png"):
+        assert (tmp_path / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert markdown_report(summary) == text
+
+
+def test_a_report_without_reliability_data_refuses_rather_than_keeping_old_figures(tmp_path):
+    with pytest.raises(LowbitError, match="no reliability bins"):
+        write_report(build_summary(RECORDS, 1.0), tmp_path)
 
 
 def test_near_equal_sizes_tie_and_the_more_accurate_then_faster_variant_wins():
