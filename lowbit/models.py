@@ -63,6 +63,9 @@ def load_classifier(
     """A sequence classifier from a resolved source; `labels` sets a fresh head's size and names."""
     if labels is not None:
         kwargs |= {
+            # a checkpoint whose head has another number of classes (a 2-class fine-tune, 3 labels here)
+            # gets a fresh head of the right size instead of a size-mismatch error
+            "ignore_mismatched_sizes": True,
             "num_labels": len(labels),
             "id2label": dict(enumerate(labels)),
             "label2id": {name: i for i, name in enumerate(labels)},

@@ -23,7 +23,7 @@ from lowbit.io import atomic_dir, read_json, write_json
 from lowbit.measure import cuda_peak_bytes
 from lowbit.models import load_classifier, load_tokenizer, param_counts, resolve_model
 from tasks.plumbing import RESULT_FILE, Paths, StageClock
-from lowbit.train import make_loader, train
+from lowbit.train import make_loader, seed_everything, train
 from lowbit.formats import load_variant
 from lowbit.variants import write_card
 
@@ -36,6 +36,7 @@ def run_adapter_stage(section: str, cfg: LoraParams, params: Params, paths: Path
     labels = read_json(paths.prepared / "meta.json")["labels"]
     source = resolve_model(params.model.name)
     tokenizer = load_tokenizer(source, params.model)
+    seed_everything(cfg.seed)  # the head and the adapters' A matrices are drawn here: from the seed, not the process
     model = lora_model(build_base(source, labels), cfg, section)
     optimizer, why, factory = optimizer_choice(cfg) if quantized else ("AdamW", "full-precision adapters", None)
     print(f"{section}: optimizer {optimizer} ({why})", flush=True)

@@ -12,7 +12,7 @@ from lowbit.config import Params
 from lowbit.io import atomic_dir, read_json, write_json
 from lowbit.models import load_classifier, load_tokenizer, param_counts, resolve_model, save_model
 from tasks.plumbing import RESULT_FILE, Paths, StageClock, stage_main
-from lowbit.train import train
+from lowbit.train import seed_everything, train
 from lowbit.variants import write_card
 
 
@@ -21,6 +21,7 @@ def run(params: Params, paths: Paths) -> dict:
     labels = read_json(paths.prepared / "meta.json")["labels"]
     source = resolve_model(params.model.name)
     tokenizer = load_tokenizer(source, params.model)
+    seed_everything(params.baseline.seed)  # the new head's initial weights come from the seed, not the process
     model = load_classifier(source, params.model, labels)
     fit = train(
         model, tokenizer, pd.read_parquet(paths.prepared / "train.parquet"), pd.read_parquet(paths.prepared / "val.parquet"),
