@@ -26,7 +26,7 @@ from lowbit.metrics import quality_metrics
 from lowbit.models import load_classifier, load_tokenizer, resolve_model, save_model
 from lowbit.quant.ptq import quantizable_layers, quantize_int8
 from lowbit.quant.bnb import nf4_config, require_bitsandbytes, set_4bit_layouts
-from lowbit.quant.int8_storage import save_int8
+from lowbit.quant.storage import save_int8
 from lowbit.train import predict_logits
 from lowbit.variants import write_card
 

@@ -17,9 +17,9 @@ from lowbit.models import load_saved, param_counts
 from lowbit.quant.ptq import calibrate, linear_names, quantizable_layers
 from tasks.calibration import calib_batches
 from lowbit.quant.qat import convert_qat, freeze_observers, prepare_qat
-from lowbit.quant.int8_storage import save_int8
-from tasks.plumbing import RESULT_FILE, Paths, StageClock, stage_main
+from lowbit.quant.storage import save_int8
 from lowbit.train import train
+from tasks.plumbing import RESULT_FILE, Paths, StageClock, stage_main
 
 
 def run(params: Params, paths: Paths) -> dict:

@@ -89,13 +89,10 @@ def quantize_int8(model: nn.Module, mode: str, layers: dict[str, nn.Module], ran
     return done
 
 
-def restore_int8_modules(model: nn.Module, layout: dict[str, str]) -> None:
-    """Put empty int8 shells where a saved model had them, so its state dict loads strictly."""
-    for name, kind in layout.items():
-        float_module = model.get_submodule(name)
-        if kind == "embedding":
-            shell = Int8Embedding(float_module.num_embeddings, float_module.embedding_dim, float_module.padding_idx)
-        else:
-            mode = kind.split(":", 1)[1]
-            shell = Int8Linear(float_module.in_features, float_module.out_features, mode, float_module.bias is not None)
-        set_module(model, name, shell)
+def int8_shell(kind: str, float_module: nn.Module) -> nn.Module:
+    """An empty int8 module of the layout's kind ("embedding" or "linear:<mode>") in the float one's
+    place, so a saved int8 state dict loads strictly (lowbit.quant.storage.load_quantized)."""
+    if kind == "embedding":
+        return Int8Embedding(float_module.num_embeddings, float_module.embedding_dim, float_module.padding_idx)
+    mode = kind.split(":", 1)[1]
+    return Int8Linear(float_module.in_features, float_module.out_features, mode, float_module.bias is not None)

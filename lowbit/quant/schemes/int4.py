@@ -27,16 +27,14 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from lowbit.models import load_saved, load_tokenizer
+from lowbit.models import load_saved
 from lowbit.quant.affine import INT4, pack_int4, quantize_tensor, unpack_int4
 from lowbit.quant.modules import Int8Embedding
-from lowbit.quant.ptq import quantizable_layers, set_module
+from lowbit.quant.ptq import int8_shell, quantizable_layers, set_module
 from lowbit.quant.scheme import Scheme, SchemeContext, embedding_note, skip_note
-from lowbit.variants import write_card
+from lowbit.quant.storage import load_quantized, save_quantized
 
 if TYPE_CHECKING:  # annotations only: the params schema imports the scheme registry to validate
     from lowbit.config import ModelParams
@@ -108,30 +106,22 @@ def quantize_int4(model: nn.Module, layers: dict[str, nn.Module], group_size: in
 def build(ctx: SchemeContext) -> list[str]:
     model, tokenizer = load_saved(ctx.baseline_dir, ctx.model)
     layout = quantize_int4(model, quantizable_layers(model, ctx.skip_modules, ctx.quantize_embeddings), ctx.int4_group_size)
-    out = ctx.out_root / VARIANT
-    out.mkdir(parents=True)
-    model.config.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
     groups = sorted({kind.rsplit(":", 1)[1] for kind in layout.values() if kind.startswith("linear")}, key=int)
-    write_card(out, VARIANT, "int4", "ptq", layout=layout, notes=embedding_note(ctx) + skip_note(ctx) + [
+    save_quantized(model, tokenizer, ctx.out_root / VARIANT, VARIANT, "int4", layout, embedding_note(ctx) + skip_note(ctx) + [
         f"int4 weights per group of {', '.join(groups)} input weights (symmetric, fp32 scales), fp32 activations"])
     return [VARIANT]
 
 
+def int4_shell(kind: str, float_module: nn.Module) -> nn.Module:
+    """An empty Int4Linear ("linear:int4:<group>") or Int8Embedding ("embedding") in the float module's place."""
+    if kind == "embedding":
+        return int8_shell(kind, float_module)
+    return Int4Linear(float_module.in_features, float_module.out_features, int(kind.rsplit(":", 1)[1]),
+                      bias=float_module.bias is not None)
+
+
 def load_int4(path: Path, card: dict, model: ModelParams):
-    config = AutoConfig.from_pretrained(path, trust_remote_code=model.trust_remote_code)
-    net = AutoModelForSequenceClassification.from_config(config, trust_remote_code=model.trust_remote_code)
-    for name, kind in card["layout"].items():  # empty shells where the saved model had int4/int8 modules
-        float_module = net.get_submodule(name)
-        if kind == "embedding":
-            shell = Int8Embedding(float_module.num_embeddings, float_module.embedding_dim, float_module.padding_idx)
-        else:
-            shell = Int4Linear(float_module.in_features, float_module.out_features, int(kind.rsplit(":", 1)[1]),
-                               bias=float_module.bias is not None)
-        set_module(net, name, shell)
-    net.load_state_dict(load_file(path / "model.safetensors"), strict=True)
-    return net.eval(), load_tokenizer(str(path), model)
+    return load_quantized(path, card, model, int4_shell)
 
 
 SCHEMES = (Scheme("int4_weight_only", build, variants=(VARIANT,), order=60),)

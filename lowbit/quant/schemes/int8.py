@@ -1,12 +1,12 @@
 """int8 through lowbit's own modules (lowbit.quant.modules): weight-only, dynamic and static W8A8.
 
-Saved in the `int8` storage format (lowbit.quant.int8_storage), which qat and merged adapters share.
+Saved in the `int8` storage format (lowbit.quant.storage), which qat and merged adapters share.
 """
 
 from __future__ import annotations
 
 from lowbit.models import load_saved
-from lowbit.quant.int8_storage import load_int8, save_int8
+from lowbit.quant.storage import load_int8, save_int8
 from lowbit.quant.ptq import calibrate, linear_names, quantizable_layers, quantize_int8
 from lowbit.quant.scheme import Scheme, SchemeContext, embedding_note, skip_note
 
