@@ -27,12 +27,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.runtime import flow_run
 
 from flows.dvc_stages import push_outputs, run_stage, run_stage_uncommitted
+from flows.tracking import Tracker
 from lowbit.calibration import check_calibration_data
 from lowbit.config import load_params
 from lowbit.errors import LowbitError, StagesFailed
 from lowbit.io import read_json
 from tasks.plumbing import EXCLUDE_ENV, RESULT_FILE, Paths
-from flows.tracking import Tracker
 
 
 # Independent branches, run concurrently up to the task runner's width (`lowbit run --parallel N`):

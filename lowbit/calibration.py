@@ -31,10 +31,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from lowbit.errors import LowbitError
+from lowbit.statistics import ECE_BINS, confidence_bin
 from lowbit.tables import plt, save_png
 
 METHODS = ("none", "temperature", "platt", "isotonic")
-RELIABILITY_BINS = 15  # the bin count of lowbit/metrics/ece.py
 ISOTONIC_MIN_ROWS_PER_CLASS = 20  # below this a per-class step function mostly memorises noise
 # log T is searched in [-5, 5], i.e. T in [0.0067, 148]: far beyond any useful sharpening or
 # softening, while keeping the bounded search finite when the validation split is separable.
@@ -210,7 +210,7 @@ def fit_calibrator(method: str, val_logits: np.ndarray, val_labels: np.ndarray) 
 # -- reliability --------------------------------------------------------------------------------
 
 
-def reliability_bins(probabilities: np.ndarray, labels: np.ndarray, bins: int = RELIABILITY_BINS) -> list[dict]:
+def reliability_bins(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> list[dict]:
     """Equal-width bins on confidence (top probability): (i/B, (i+1)/B], the first also holding 0.
 
     probabilities [n, classes], labels [n] -> B dicts {"lower", "upper", "count",
@@ -223,7 +223,7 @@ def reliability_bins(probabilities: np.ndarray, labels: np.ndarray, bins: int = 
         raise ValueError(f"need probabilities [n, classes] and labels [n]; got {probs.shape} and {labels.shape}")
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == labels
-    index = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    index = confidence_bin(confidence, bins)
     out = []
     for b in range(bins):
         in_bin = index == b

@@ -29,17 +29,17 @@ from transformers import PreTrainedTokenizerBase
 
 from lowbit.calibration import Calibrator, fit_calibrator, per_class_report, reliability_bins
 from lowbit.config import EvaluateParams, ModelParams
+from lowbit.formats import load_variant
 from lowbit.io import read_json
 from lowbit.measure import (
     bits_per_param, disk_bytes, latency_summary, peak_rss_bytes, quantized_weight_stats, reset_peak_rss, time_calls,
     weight_bytes,
 )
-from lowbit.models import param_counts
-from lowbit.formats import load_variant
-from lowbit.variants import CARD
 from lowbit.metrics import quality_metrics, softmax
-from lowbit.statistics import metric_intervals
+from lowbit.models import param_counts
+from lowbit.statistics import metric_intervals, point_metrics
 from lowbit.train import make_loader, predict_logits
+from lowbit.variants import CARD
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -85,7 +85,7 @@ def quality_analysis(
     probabilities = softmax(test_logits.astype(np.float64))
     calibrator = fit_calibrator(params.calibration, val_logits, val_labels)
     calibrated = calibrator.apply(test_logits)
-    after = quality_metrics(np.log(np.clip(calibrated, 1e-300, None)), test_labels)
+    after = point_metrics(calibrated, test_labels)  # the metrics' definitions, on probabilities directly
     per_class = per_class_report(probabilities, test_labels, label_names)
     metrics = metric_intervals(probabilities, test_labels, params.bootstrap_resamples, params.bootstrap_seed)
     metrics |= {"ece_calibrated": after["ece"], "loss_calibrated": after["loss"],

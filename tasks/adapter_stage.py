@@ -18,14 +18,14 @@ from lowbit.adapters import (
 )
 from lowbit.config import LoraParams, Params, QLoraParams
 from lowbit.errors import LowbitError
+from lowbit.formats import load_variant
 from lowbit.hardware import detect, device_map, qlora_compute_dtype
 from lowbit.io import atomic_dir, read_json, write_json
 from lowbit.measure import cuda_peak_bytes
 from lowbit.models import load_classifier, load_tokenizer, param_counts, resolve_model
-from tasks.plumbing import RESULT_FILE, Paths, StageClock
 from lowbit.train import make_loader, seed_everything, train
-from lowbit.formats import load_variant
 from lowbit.variants import write_card
+from tasks.plumbing import RESULT_FILE, Paths, StageClock
 
 
 def run_adapter_stage(section: str, cfg: LoraParams, params: Params, paths: Paths, build_base: Callable) -> dict:

@@ -11,9 +11,9 @@ import pandas as pd
 from lowbit.config import Params
 from lowbit.io import atomic_dir, read_json, write_json
 from lowbit.models import load_classifier, load_tokenizer, param_counts, resolve_model, save_model
-from tasks.plumbing import RESULT_FILE, Paths, StageClock, stage_main
 from lowbit.train import seed_everything, train
 from lowbit.variants import write_card
+from tasks.plumbing import RESULT_FILE, Paths, StageClock, stage_main
 
 
 def run(params: Params, paths: Paths) -> dict:

@@ -19,12 +19,12 @@ import torch
 from lowbit.config import Params
 from lowbit.errors import LowbitError
 from lowbit.evaluation import evaluate_saved_variant
+from lowbit.formats import discover
 from lowbit.hardware import describe_environment, detect, evaluation_threads
 from lowbit.io import atomic_dir, read_json, write_json
-from tasks.plumbing import RESULT_FILE, Paths, StageClock, excluded_stages, stage_main
-from lowbit.formats import discover
 from lowbit.statistics import paired_comparison
 from lowbit.variants import BASELINE, CARD
+from tasks.plumbing import RESULT_FILE, Paths, StageClock, excluded_stages, stage_main
 
 
 def run(params: Params, paths: Paths) -> dict:

@@ -20,8 +20,8 @@ from tasks.calibration import calib_batches
 from lowbit.quant.sensitivity import layer_sensitivity, write_sensitivity
 from lowbit.quant.scheme import SchemeContext
 from lowbit.quant.schemes import SCHEMES
-from tasks.plumbing import RESULT_FILE, Paths, StageClock, stage_main
 from lowbit.train import make_loader
+from tasks.plumbing import RESULT_FILE, Paths, StageClock, stage_main
 
 
 def run_sensitivity(params: Params, paths: Paths, batches: list, out_dir) -> list[dict]:

@@ -94,7 +94,8 @@ class Int8Linear(nn.Module):
 
     def quantized_weight_stats(self) -> tuple[int, int]:
         """(int8 weights, their bytes with the per-channel scales): read by measure.quantized_weight_stats."""
-        return self.int8_weight().numel(), self.int8_weight().numel() + _tensor_bytes(self.weight_scale)
+        count = self.int8_weight().numel()  # dynamic/static: unpacked from the kernel's form, so once
+        return count, count + _tensor_bytes(self.weight_scale)
 
     @staticmethod
     def _add_packed_weight(module, state_dict, prefix, local_metadata):
