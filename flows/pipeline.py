@@ -27,11 +27,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.runtime import flow_run
 
 from flows.dvc_stages import push_outputs, run_stage, run_stage_uncommitted
-from flows.tracking import Tracker
+from flows.tracking import Tracker, dvc_output_of
 from lowbit.calibration import check_calibration_data
 from lowbit.config import load_params
 from lowbit.errors import LowbitError, StagesFailed
-from lowbit.io import read_json
+from lowbit.data import split_digest
+from lowbit.io import read_json, sha256_tree
 from tasks.plumbing import EXCLUDE_ENV, RESULT_FILE, Paths
 
 
@@ -63,10 +64,12 @@ def pipeline(root: str = ".", force: bool = False, overrides: tuple[str, ...] = 
     paths = Paths(Path(root).resolve())
     params = load_params(paths.params)
     tracker = Tracker(params, paths.root)
-    tracker.start({"lowbit.prefect_flow_run_id": str(flow_run.id), "lowbit.overrides": " ".join(overrides)})
+    tracker.start({"lowbit.prefect_flow_run_id": str(flow_run.id), "lowbit.overrides": " ".join(overrides),
+                   "lowbit.prefect_deployment_id": str(flow_run.deployment_id or "")})
     try:
         outcomes = {"prepare": stage_task(paths.root, "prepare", force)}  # nothing can run without it
         tracker.tag("lowbit.data_hash", outcomes["prepare"]["result"]["data_hash"])
+        tracker.tag("lowbit.test_digest", test_digest(paths))
         check_calibration_possible(paths, params.evaluate.calibration)  # before hours of training, not after
         failures: dict[str, str] = {}
         baseline = stage_task.submit(paths.root, "baseline", force)
@@ -108,6 +111,12 @@ def check_calibration_possible(paths: Paths, method: str) -> None:
     check_calibration_data(method, pd.read_parquet(paths.prepared / "val.parquet")["label"].to_numpy(), len(labels))
 
 
+def test_digest(paths: Paths) -> str:
+    """The test split's content digest: promotion compares models only on equal digests."""
+    labels = read_json(paths.prepared / "meta.json")["labels"]
+    return split_digest(pd.read_parquet(paths.prepared / "test.parquet"), labels)
+
+
 def collect(futures: dict, outcomes: dict, failures: dict[str, str]) -> None:
     """Wait for each branch; a failed one goes into `failures` with its error instead of stopping the flow."""
     for name, future in futures.items():
@@ -123,13 +132,17 @@ def track_results(tracker: Tracker, paths: Paths, outcomes: dict) -> None:
     for stage, outcome in outcomes.items():
         tracker.log_stage(stage, outcome["result"], outcome["ran"])
     rows = {row["variant"]: row["metrics"] for row in read_json(paths.reports / "summary.json")["rows"]}
+    digest = test_digest(paths)
     for variant, metrics in rows.items():
         record = read_json(paths.metrics / f"{variant}.json")
         stage = record["stage"]
         reused = not (outcomes.get(stage, {}).get("ran") or outcomes["evaluate"]["ran"])
         card = paths.root / record["model_dir"] / "lowbit_variant.json"
         calibrator = paths.metrics / "calibrators" / f"{variant}.json"
-        tracker.log_variant(record, metrics, stage, reused, [paths.metrics / f"{variant}.json", card, calibrator])
+        dvc_out, dvc_md5 = dvc_output_of(paths.root, record["model_dir"])
+        lineage = {"lowbit.model_dir": record["model_dir"], "lowbit.model_sha256": sha256_tree(card.parent),
+                   "lowbit.dvc_out": dvc_out, "lowbit.dvc_out_md5": dvc_md5, "lowbit.test_digest": digest}
+        tracker.log_variant(record, metrics, stage, reused, [paths.metrics / f"{variant}.json", card, calibrator], lineage)
     tracker.log_artifacts([
         paths.params, paths.root / "dvc.lock", paths.reports / "summary.md", paths.reports / "pareto.png",
         paths.reports / "reliability.png", paths.reports / "confusion.png", paths.reports / "summary.json",

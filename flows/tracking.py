@@ -3,11 +3,14 @@
 The only module in lowbit/ that imports MLflow. The store is `tracking.uri` from
 params.yaml (a local SQLite file by default) unless MLFLOW_TRACKING_URI is set.
 
-Parent run tags: lowbit.git_commit, lowbit.git_dirty, lowbit.params_hash,
-lowbit.data_hash, lowbit.prefect_flow_run_id, lowbit.overrides. Nested run per
-variant: its stage's params, its evaluation metrics (the names in metrics/<variant>.json), the
-producing stage's figures (a name that collides with an evaluation metric gets a
-`train_` prefix, e.g. train_peak_rss_bytes), and its metrics JSON and card as artifacts.
+Parent run tags: lowbit.kind=pipeline, lowbit.git_commit, lowbit.git_dirty, lowbit.params_hash,
+lowbit.data_hash, lowbit.test_digest, lowbit.prefect_flow_run_id, lowbit.prefect_deployment_id,
+lowbit.overrides. Nested run per variant: its stage's params, its evaluation metrics (the names
+in metrics/<variant>.json), the producing stage's figures (a name that collides with an
+evaluation metric gets a `train_` prefix, e.g. train_peak_rss_bytes), its metrics JSON and card
+as artifacts, and lineage tags: lowbit.variant, lowbit.format, lowbit.stage, lowbit.model_dir,
+lowbit.model_sha256 (its files), lowbit.dvc_out / lowbit.dvc_out_md5 (the DVC output holding it,
+as in dvc.lock), lowbit.test_digest.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
@@ -44,6 +48,19 @@ def git_state(root: Path) -> tuple[str, bool]:
         return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
     except (subprocess.CalledProcessError, FileNotFoundError):
         return "unknown", True
+
+
+def dvc_output_of(root: Path, model_dir: str) -> tuple[str, str]:
+    """(path, md5) of the dvc.lock output that holds `model_dir` (e.g. models/ptq for
+    models/ptq/ptq_int8_dynamic); ("", "") when dvc.lock does not list it (a partial run)."""
+    lock = root / "dvc.lock"
+    if not lock.is_file():
+        return "", ""
+    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+        for out in stage.get("outs", []):
+            if model_dir == out["path"] or model_dir.startswith(out["path"].rstrip("/") + "/"):
+                return out["path"], out.get("md5", "")
+    return "", ""
 
 
 def flatten(prefix: str, value: Any) -> dict[str, Any]:
@@ -80,6 +97,7 @@ class Tracker:
     def start(self, tags: dict[str, str]) -> str:
         commit, dirty = git_state(self.root)
         all_tags = {
+            "lowbit.kind": "pipeline",
             "lowbit.git_commit": commit,
             "lowbit.git_dirty": str(dirty).lower(),
             "lowbit.params_hash": self.params.digest(),
@@ -99,14 +117,16 @@ class Tracker:
         self._log(self.run_id, metrics=numeric_items(flatten(stage, result)))
         self.tag(f"lowbit.stage.{stage}", "ran" if ran else "up-to-date")
 
-    def log_variant(self, record: dict, row_metrics: dict, stage: str, reused: bool, artifacts: list[Path]) -> str:
+    def log_variant(self, record: dict, row_metrics: dict, stage: str, reused: bool, artifacts: list[Path],
+                    lineage: dict[str, str]) -> str:
         variant = record["variant"]
         run = self.client.create_run(
             self.experiment_id, run_name=variant,
-            tags={"mlflow.parentRunId": self.run_id, "lowbit.variant": variant, "lowbit.format": record["format"],
-                  "lowbit.stage": stage, "lowbit.reused": str(reused).lower()},
+            tags={"mlflow.parentRunId": self.run_id, "lowbit.kind": "variant", "lowbit.variant": variant,
+                  "lowbit.format": record["format"], "lowbit.stage": stage, "lowbit.reused": str(reused).lower(),
+                  **lineage},
         )
-        sections = ["model", stage] if stage in Params.model_fields else ["model"]
+        sections = ["model", "determinism", stage] if stage in Params.model_fields else ["model", "determinism"]
         params = {k: v for s in sections for k, v in flatten(s, self.params.section(s)).items()}
         evaluation = numeric_items(row_metrics)
         producer = {

@@ -172,6 +172,31 @@ class ReportParams(Section):
     max_accuracy_drop: float = Field(ge=0.0, le=100.0)
 
 
+# Metrics a promotion objective can rank by, and which way is better.
+PROMOTION_OBJECTIVES = {"accuracy": True, "f1_macro": True, "weight_bytes": False, "latency_ms_p50": False,
+                        "throughput_samples_s": True}
+
+
+class PromoteParams(Section):
+    registered_model: str = Field(min_length=1, max_length=256)
+    objective: str
+    max_accuracy_drop: float = Field(ge=0.0, le=100.0)
+    max_weight_bytes: int | None = Field(ge=1)
+    max_latency_ms_p50: float | None = Field(gt=0.0)
+    min_improvement: float = Field(ge=0.0, le=10.0)
+    accuracy_tolerance: float = Field(ge=0.0, le=100.0)
+
+    @field_validator("objective")
+    @classmethod
+    def known_objective(cls, name: str) -> str:
+        return registered("promotion objectives (metrics)", [name], list(PROMOTION_OBJECTIVES))[0]
+
+
+class DeterminismParams(Section):
+    enabled: bool
+    num_threads: int = Field(ge=0, le=1024)
+
+
 class TrackingParams(Section):
     uri: str = Field(min_length=1)
     experiment: str = Field(min_length=1)
@@ -191,6 +216,8 @@ class Params(Section):
     export: ExportParams
     evaluate: EvaluateParams
     report: ReportParams
+    promote: PromoteParams
+    determinism: DeterminismParams
     tracking: TrackingParams
 
     def section(self, name: str) -> dict[str, Any]:

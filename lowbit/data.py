@@ -11,6 +11,8 @@ labels plus a report of what was dropped and why.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -190,3 +192,14 @@ def stratified_split(frame: pd.DataFrame, fraction: float, seed: int, key: str) 
     except ValueError as err:
         raise LowbitError(f"params.yaml: {key}: cannot split {len(frame)} rows with fraction {fraction:.3f} ({err})") from None
     return keep.reset_index(drop=True), held.reset_index(drop=True)
+
+
+def split_digest(frame: pd.DataFrame, labels: list[str]) -> str:
+    """sha256 of a split's rows (text, label name) in order: equal digests mean two evaluations
+    scored the same examples. Computed from values, not the parquet bytes, which carry the
+    writer's version."""
+    digest = hashlib.sha256()
+    for text, label in zip(frame["text"], frame["label"]):
+        digest.update(json.dumps([str(text), labels[int(label)]]).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
