@@ -5,6 +5,11 @@
     lowbit sensitivity                                quantize one layer at a time, write reports/sensitivity.*
     lowbit check                                      validate params.yaml and exit
     lowbit show                                       print the last report
+    lowbit retrain                                    re-read data, run the pipeline, promote (as scheduled)
+    lowbit promote [--run RUN_ID]                     promote the best variant of a run (params `promote`)
+    lowbit rollback --reason TEXT [--to VERSION]      @champion back to @previous
+    lowbit champion                                   @champion, @previous and the alias history
+    lowbit schedule --cron "0 3 * * 1"                serve the retraining flow on a cron schedule
 
 Exit status: 0 done; 1 some stages failed (the others finished and were reported); 2 bad input.
 """
@@ -48,6 +53,15 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("sensitivity", help="per-layer int8 sensitivity of models/baseline on the validation split")
     sub.add_parser("check", help="validate params.yaml")
     sub.add_parser("show", help="print the last report (reports/summary.md)")
+    sub.add_parser("retrain", help="re-read the data, run the pipeline, promote (what the schedule runs)")
+    promote = sub.add_parser("promote", help="promote the best variant of a pipeline run under params.yaml `promote`")
+    promote.add_argument("--run", metavar="RUN_ID", help="pipeline run to promote from (default: the latest finished)")
+    rollback = sub.add_parser("rollback", help="move @champion back to @previous (or to --to VERSION)")
+    rollback.add_argument("--to", metavar="VERSION", help="model version to make champion instead of @previous")
+    rollback.add_argument("--reason", required=True, help="why (recorded with the alias move)")
+    sub.add_parser("champion", help="print @champion, @previous and the latest alias moves")
+    schedule = sub.add_parser("schedule", help="serve the retraining flow here on a cron schedule")
+    schedule.add_argument("--cron", required=True, help="five-field cron, e.g. '0 3 * * 1' (Mondays 03:00, local time)")
     args = parser.parse_args(argv)
     root = Path(args.root).resolve()
     try:
@@ -108,6 +122,77 @@ def explained_prefect_startup():
         ) from None
 
 
+def cmd_retrain(args: argparse.Namespace, paths: Paths) -> int:
+    started = time.perf_counter()
+    load_params(paths.params)
+    quiet_libraries()
+    prepare_prefect_environment()
+    from flows.retrain import retrain
+
+    with explained_prefect_startup():
+        outcome = retrain(root=str(paths.root))
+    ran = ", ".join(outcome["ran"]) or "nothing (all stages up to date)"
+    print(f"stages run: {ran}; {time.perf_counter() - started:.1f} s in all")
+    print(outcome["promotion"]["line"])
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace, paths: Paths) -> int:
+    load_params(paths.params)
+    quiet_libraries()
+    prepare_prefect_environment()
+    from flows.retrain import promote_flow
+
+    with explained_prefect_startup():
+        promote_flow(root=str(paths.root), run_id=args.run)  # the task prints the one-line outcome
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace, paths: Paths) -> int:
+    from flows.registry import Registry, rollback
+
+    registry = Registry.open(load_params(paths.params), paths.root)
+    move = rollback(registry, args.reason, args.to)
+    print(f"{registry.name}@champion: v{move.from_version or '-'} -> v{move.to_version} ({args.reason})")
+    return 0
+
+
+def cmd_champion(args: argparse.Namespace, paths: Paths) -> int:
+    from flows.registry import CHAMPION, PREVIOUS, Registry
+
+    registry = Registry.open(load_params(paths.params), paths.root)
+    registry.require()
+    for alias in (CHAMPION, PREVIOUS):
+        version = registry.version_at(alias)
+        if version is None:
+            print(f"@{alias}: none")
+            continue
+        tags = version.tags
+        print(f"@{alias}: v{version.version} {tags.get('lowbit.variant', '?')} accuracy {tags.get('lowbit.metric.accuracy', '?')} "
+              f"weight_bytes {tags.get('lowbit.metric.weight_bytes', '?')} commit {tags.get('lowbit.git_commit', '?')[:12]} "
+              f"run {tags.get('lowbit.pipeline_run_id', '?')}")
+    print("alias moves (newest first):")
+    for move in registry.history():
+        print(f"  {move['time']} @{move['alias']} v{move['from_version'] or '-'} -> v{move['to_version']} "
+              f"by {move['actor']}: {move['reason']}")
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace, paths: Paths) -> int:
+    from flows.retrain import check_cron
+
+    check_cron(args.cron)  # before Prefect starts
+    load_params(paths.params)
+    quiet_libraries()
+    prepare_prefect_environment()
+    from flows.retrain import serve
+
+    print(f"serving lowbit-retrain on '{args.cron}' for {paths.root}; Ctrl-C stops (the schedule is not paused)")
+    with explained_prefect_startup():
+        serve(paths.root, args.cron)
+    return 0
+
+
 def cmd_stage(args: argparse.Namespace, paths: Paths) -> int:
     module = importlib.import_module(f"tasks.{args.name}")
     os.chdir(paths.root)
@@ -145,7 +230,9 @@ def cmd_show(args: argparse.Namespace, paths: Paths) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "stage": cmd_stage, "sensitivity": cmd_sensitivity, "check": cmd_check, "show": cmd_show}
+COMMANDS = {"run": cmd_run, "stage": cmd_stage, "sensitivity": cmd_sensitivity, "check": cmd_check, "show": cmd_show,
+            "retrain": cmd_retrain, "promote": cmd_promote, "rollback": cmd_rollback, "champion": cmd_champion,
+            "schedule": cmd_schedule}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -60,14 +60,16 @@ def push_task(root: Path) -> int:
 
 
 @flow(name="lowbit-pipeline")
-def pipeline(root: str = ".", force: bool = False, overrides: tuple[str, ...] = ()) -> dict:
+def pipeline(root: str = ".", force: bool = False, overrides: tuple[str, ...] = (), refresh_data: bool = False) -> dict:
+    """`refresh_data` re-reads the source even if DVC sees no change (an hf: dataset, a database
+    export): the retraining flow's first step. Equal splits leave every later stage up to date."""
     paths = Paths(Path(root).resolve())
     params = load_params(paths.params)
     tracker = Tracker(params, paths.root)
     tracker.start({"lowbit.prefect_flow_run_id": str(flow_run.id), "lowbit.overrides": " ".join(overrides),
                    "lowbit.prefect_deployment_id": str(flow_run.deployment_id or "")})
     try:
-        outcomes = {"prepare": stage_task(paths.root, "prepare", force)}  # nothing can run without it
+        outcomes = {"prepare": stage_task(paths.root, "prepare", force or refresh_data)}  # nothing can run without it
         tracker.tag("lowbit.data_hash", outcomes["prepare"]["result"]["data_hash"])
         tracker.tag("lowbit.test_digest", test_digest(paths))
         check_calibration_possible(paths, params.evaluate.calibration)  # before hours of training, not after

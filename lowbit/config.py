@@ -183,7 +183,7 @@ class PromoteParams(Section):
     max_accuracy_drop: float = Field(ge=0.0, le=100.0)
     max_weight_bytes: int | None = Field(ge=1)
     max_latency_ms_p50: float | None = Field(gt=0.0)
-    min_improvement: float = Field(ge=0.0, le=10.0)
+    min_improvement: float = Field(gt=0.0, le=1.0)  # relative; MLflow's MetricThreshold takes (0, 1]
     accuracy_tolerance: float = Field(ge=0.0, le=100.0)
 
     @field_validator("objective")
