@@ -5,6 +5,9 @@
     lowbit sensitivity                                quantize one layer at a time, write reports/sensitivity.*
     lowbit check                                      validate params.yaml and exit
     lowbit show                                       print the last report
+    lowbit compare [--last N | --run ID ...]          one table across MLflow runs and variants (CSV, Markdown, plot)
+    lowbit reproduce RUN_ID [--workdir DIR] [--tolerance ABS] [--force]
+                                                      re-create a run in a git worktree, compare its quality figures
     lowbit retrain                                    re-read data, run the pipeline, promote (as scheduled)
     lowbit promote [--run RUN_ID]                     promote the best variant of a run (params `promote`)
     lowbit rollback --reason TEXT [--to VERSION]      @champion back to @previous
@@ -24,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from flows.compare import add_arguments as add_compare_arguments, compare_command
+from flows.reproduce import add_arguments as add_reproduce_arguments, reproduce_command
 from lowbit.config import load_params, write_overrides
 from lowbit.errors import LowbitError, StagesFailed
 from tasks import STAGES
@@ -53,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("sensitivity", help="per-layer int8 sensitivity of models/baseline on the validation split")
     sub.add_parser("check", help="validate params.yaml")
     sub.add_parser("show", help="print the last report (reports/summary.md)")
+    add_compare_arguments(sub.add_parser("compare", help="compare pipeline runs and their variants from MLflow"))
+    add_reproduce_arguments(sub.add_parser("reproduce", help="re-create a past run in a git worktree and compare its figures"))
     sub.add_parser("retrain", help="re-read the data, run the pipeline, promote (what the schedule runs)")
     promote = sub.add_parser("promote", help="promote the best variant of a pipeline run under params.yaml `promote`")
     promote.add_argument("--run", metavar="RUN_ID", help="pipeline run to promote from (default: the latest finished)")
@@ -232,7 +239,7 @@ def cmd_show(args: argparse.Namespace, paths: Paths) -> int:
 
 COMMANDS = {"run": cmd_run, "stage": cmd_stage, "sensitivity": cmd_sensitivity, "check": cmd_check, "show": cmd_show,
             "retrain": cmd_retrain, "promote": cmd_promote, "rollback": cmd_rollback, "champion": cmd_champion,
-            "schedule": cmd_schedule}
+            "schedule": cmd_schedule, "compare": compare_command, "reproduce": reproduce_command}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -180,9 +180,11 @@ def promotion_lock(registered_model: str):
     from prefect.client.orchestration import get_client
     from prefect.concurrency.sync import concurrency
 
+    from prefect.exceptions import ObjectAlreadyExists
+
     name = f"lowbit-promote-{registered_model}"
-    with get_client(sync_client=True) as prefect:
-        prefect.upsert_global_concurrency_limit_by_name(name, 1)
+    with get_client(sync_client=True) as prefect, contextlib.suppress(ObjectAlreadyExists):
+        prefect.upsert_global_concurrency_limit_by_name(name, 1)  # not atomic: a concurrent run may create it first
     with concurrency(name, occupy=1, strict=True, timeout_seconds=PROMOTION_LIMIT_WAIT_S):
         yield
 
@@ -206,8 +208,8 @@ def champion_metrics(registry: Registry, champion, digest: str, paths: Paths) ->
     recorded = dict(registry.client.get_run(champion.run_id).data.metrics)
     if champion.tags.get("lowbit.test_digest") == digest:
         return recorded, "same test split"
-    rescored = rescore(registry, champion.version, paths)
-    registry.tag(champion.version, {f"lowbit.rescored.{digest[:12]}.{k}": f"{v:.6g}" for k, v in rescored.items()})
+    rescored = rescore(registry, str(champion.version), paths)
+    registry.tag(str(champion.version), {f"lowbit.rescored.{digest[:12]}.{k}": f"{v:.6g}" for k, v in rescored.items()})
     return recorded | rescored, f"champion re-scored on this run's test split (accuracy {rescored['accuracy']:.4f})"
 
 
@@ -239,21 +241,22 @@ def promote(paths: Paths, params: Params, run_id: str | None = None) -> Decision
         uri = log_variant_model(registry.client.tracking_uri, challenger.run_id, model_dir, params.model, labels,
                                 calibrator if calibrator.is_file() else None)
         version = registry.register(uri, challenger.run_id, version_tags(run, challenger))
+    number = str(version.version)  # MLflow 3 gives an int here, a str elsewhere
     digest = run.data.tags.get("lowbit.test_digest") or split_digest(
         pd.read_parquet(paths.prepared / "test.parquet"), read_json(paths.prepared / "meta.json")["labels"])
     with promotion_lock(registry.name):
         champion = registry.version_at(CHAMPION)  # read again inside the lock: another run may have just moved it
-        decision = decide(registry, champion, challenger, version.version, digest, paths, policy)
+        decision = decide(registry, champion, challenger, number, digest, paths, policy)
         decision.skipped = skipped
         context = {"lowbit.pipeline_run_id": run.info.run_id}
         if decision.promoted:
             if champion is not None:
-                registry.move(PREVIOUS, champion.version, "promote", f"replaced by v{version.version}", context)
-            registry.move(CHAMPION, version.version, "promote", decision.reason, context)
+                registry.move(PREVIOUS, str(champion.version), "promote", f"replaced by v{number}", context)
+            registry.move(CHAMPION, number, "promote", decision.reason, context)
     outcome = "promoted" if decision.promoted else "rejected"
-    registry.tag(version.version, {"lowbit.promotion": outcome, "lowbit.promotion_reason": decision.reason})
+    registry.tag(number, {"lowbit.promotion": outcome, "lowbit.promotion_reason": decision.reason})
     for key, value in {"lowbit.promotion": outcome, "lowbit.promotion_reason": decision.reason[:5000],
-                       "lowbit.promotion_version": version.version}.items():
+                       "lowbit.promotion_version": number}.items():
         registry.client.set_tag(run.info.run_id, key, value)
     return decision
 
@@ -262,15 +265,16 @@ def decide(registry: Registry, champion, challenger: Candidate, version: str, di
            policy: PromoteParams) -> Decision:
     if champion is None:
         return Decision(True, "no champion yet", challenger, version)
-    if champion.version == version:
+    held = str(champion.version)
+    if held == version:
         return Decision(False, f"v{version} is already the champion (same model files)", challenger, version,
-                        champion.version)
+                        held)
     reference, how = champion_metrics(registry, champion, digest, paths)
     why_not = gate(challenger.metrics, reference, policy)
     objective = policy.objective
-    versus = f"{objective} {challenger.metrics[objective]:.6g} vs champion v{champion.version} {reference.get(objective, float('nan')):.6g} ({how})"
+    versus = f"{objective} {challenger.metrics[objective]:.6g} vs champion v{held} {reference.get(objective, float('nan')):.6g} ({how})"
     if why_not:
-        return Decision(False, f"{versus}; {why_not}", challenger, version, champion.version)
+        return Decision(False, f"{versus}; {why_not}", challenger, version, held)
     return Decision(True, f"{versus}; beats it by at least promote.min_improvement {policy.min_improvement}",
-                    challenger, version, champion.version)
+                    challenger, version, held)
 

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
@@ -52,7 +53,11 @@ def connect(uri: str, attempts: int = CONNECT_ATTEMPTS, pause_s: float = 2.0) ->
     """A client for `uri` whose store answered; bounded retries, then an error naming what to set."""
     for key, value in HTTP_LIMITS.items():
         os.environ.setdefault(key, value)
-    client = MlflowClient(tracking_uri=uri)
+    # Global too: registering a logged model (`models:/m-...`) resolves it through MLflow's global
+    # tracking URI, whatever the client says; one lowbit process talks to one store.
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     for attempt in range(1, attempts + 1):
         try:
             client.search_experiments(max_results=1)
@@ -156,7 +161,7 @@ class Registry:
         """Point `alias` at `version` and record the move (MLflow keeps no alias history)."""
         before = self.version_at(alias)
         self.client.set_registered_model_alias(self.name, check_alias(alias), str(version))
-        move = AliasMove(alias, before.version if before else None, str(version), actor, reason)
+        move = AliasMove(alias, str(before.version) if before else None, str(version), actor, reason)
         self._record(move, context or {})
         return move
 
@@ -191,9 +196,9 @@ def rollback(registry: Registry, reason: str, to_version: str | None = None) -> 
     target = registry.version(to_version) if to_version else registry.version_at(PREVIOUS)
     if target is None:
         raise LowbitError(f"{registry.name} has no @{PREVIOUS} to roll back to; name a version with --to")
-    if champion is not None and champion.version == target.version:
-        raise LowbitError(f"v{target.version} is already {registry.name}@{CHAMPION}; nothing to roll back")
+    if champion is not None and str(champion.version) == str(target.version):
+        raise LowbitError(f"v{str(target.version)} is already {registry.name}@{CHAMPION}; nothing to roll back")
     if champion is not None:
-        registry.move(PREVIOUS, champion.version, "rollback", f"rolled back to v{target.version}: {reason}")
-    registry.tag(target.version, {"lowbit.rolled_back_to": reason})
-    return registry.move(CHAMPION, target.version, "rollback", reason)
+        registry.move(PREVIOUS, str(champion.version), "rollback", f"rolled back to v{str(target.version)}: {reason}")
+    registry.tag(str(target.version), {"lowbit.rolled_back_to": reason})
+    return registry.move(CHAMPION, str(target.version), "rollback", reason)
