@@ -24,7 +24,7 @@ import pandas as pd
 
 from prefect import flow, task
 from prefect.task_runners import ThreadPoolTaskRunner
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 
 from flows.dvc_stages import push_outputs, run_stage, run_stage_uncommitted
 from flows.tracking import Tracker, dvc_output_of
@@ -67,7 +67,7 @@ def pipeline(root: str = ".", force: bool = False, overrides: tuple[str, ...] = 
     params = load_params(paths.params)
     tracker = Tracker(params, paths.root)
     tracker.start({"lowbit.prefect_flow_run_id": str(flow_run.id), "lowbit.overrides": " ".join(overrides),
-                   "lowbit.prefect_deployment_id": str(flow_run.deployment_id or "")})
+                   "lowbit.prefect_deployment_id": str(deployment.id or flow_run.parent_deployment_id or "")})
     try:
         outcomes = {"prepare": stage_task(paths.root, "prepare", force or refresh_data)}  # nothing can run without it
         tracker.tag("lowbit.data_hash", outcomes["prepare"]["result"]["data_hash"])

@@ -32,7 +32,7 @@ from lowbit.measure import weight_bytes
 from lowbit.statistics import point_metrics
 from lowbit.variants import write_card
 from tasks.plumbing import Paths
-from tests.conftest import REPO, set_params
+from tests.conftest import REPO, TINY, make_project, set_params
 from tests.tiny_model import tiny_classifier_dir
 
 LABELS = ["negative", "neutral", "positive"]
@@ -205,3 +205,32 @@ def test_two_promotions_at_once_move_the_champion_once(tmp_path, monkeypatch):
     assert "weight_bytes" in loser.reason and loser.champion_version is not None
     registry = Registry.open(params, root)
     assert [m["alias"] for m in registry.history()] == ["champion"]  # one move, no @previous churn
+
+
+def test_retrain_runs_the_pipeline_and_promotes_and_a_retrain_with_nothing_changed_moves_nothing(tmp_path, capsys):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    model = tiny_classifier_dir(tmp_path / "tiny", num_labels=2, hidden_size=64, init_std=0.2)
+    root = make_project(tmp_path / "project", TINY | {
+        "model.name": str(model), "ptq.schemes": ["int8_dynamic"], "promote.max_accuracy_drop": 100.0,
+        "tracking.dvc_push": False})
+    assert lowbit_main(["--root", str(root), "retrain"]) == 0
+    out = capsys.readouterr().out
+    assert "stages run: prepare, baseline, ptq, qat, lora, qlora, evaluate, report" in out
+    assert "is now lowbit-classifier@champion — no champion yet" in out
+
+    assert lowbit_main(["--root", str(root), "retrain"]) == 0  # exactly what the schedule fires
+    out = capsys.readouterr().out
+    assert "stages run: prepare;" in out  # the source was re-read; equal splits leave the rest up to date
+    assert "promotion: rejected" in out and "already the champion (same model files)" in out
+    params = load_params(root / "params.yaml")
+    registry = Registry.open(params, root)
+    assert len(registry.versions()) == 1 and registry.version_at(CHAMPION).version == 1
+    assert [m["alias"] for m in registry.history()] == ["champion"]
+    version_tags = registry.version("1").tags
+    assert version_tags["lowbit.dvc_out"].startswith("models/") and len(version_tags["lowbit.dvc_out_md5"]) >= 32
+    assert version_tags["lowbit.prefect_flow_run_id"] not in ("", "None")
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["lowbit-retrain"])))
+    assert sum(r.state.is_completed() for r in runs if r.parameters.get("root") == str(root)) == 2
