@@ -160,16 +160,16 @@ def cmd_rollback(args: argparse.Namespace, paths: Paths) -> int:
 
     registry = Registry.open(load_params(paths.params), paths.root)
     move = rollback(registry, args.reason, args.to)
-    print(f"{registry.name}@champion: v{move.from_version or '-'} -> v{move.to_version} ({args.reason})")
+    print(f"{registry.name}@{registry.champion}: v{move.from_version or '-'} -> v{move.to_version} ({args.reason})")
     return 0
 
 
 def cmd_champion(args: argparse.Namespace, paths: Paths) -> int:
-    from flows.registry import CHAMPION, PREVIOUS, Registry
+    from flows.registry import Registry
 
     registry = Registry.open(load_params(paths.params), paths.root)
     registry.require()
-    for alias in (CHAMPION, PREVIOUS):
+    for alias in (registry.champion, registry.previous):
         version = registry.version_at(alias)
         if version is None:
             print(f"@{alias}: none")

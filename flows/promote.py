@@ -38,7 +38,7 @@ from mlflow.models import MetricThreshold
 from mlflow.models.evaluation import EvaluationResult
 
 import mlflow
-from flows.registry import CHAMPION, PREVIOUS, Registry
+from flows.registry import Registry
 from lowbit.config import PROMOTION_OBJECTIVES, Params, PromoteParams
 from lowbit.data import split_digest
 from lowbit.errors import LowbitError
@@ -245,14 +245,14 @@ def promote(paths: Paths, params: Params, run_id: str | None = None) -> Decision
     digest = run.data.tags.get("lowbit.test_digest") or split_digest(
         pd.read_parquet(paths.prepared / "test.parquet"), read_json(paths.prepared / "meta.json")["labels"])
     with promotion_lock(registry.name):
-        champion = registry.version_at(CHAMPION)  # read again inside the lock: another run may have just moved it
+        champion = registry.version_at(registry.champion)  # read again inside the lock: another run may have just moved it
         decision = decide(registry, champion, challenger, number, digest, paths, policy)
         decision.skipped = skipped
         context = {"lowbit.pipeline_run_id": run.info.run_id}
         if decision.promoted:
             if champion is not None:
-                registry.move(PREVIOUS, str(champion.version), "promote", f"replaced by v{number}", context)
-            registry.move(CHAMPION, number, "promote", decision.reason, context)
+                registry.move(registry.previous, str(champion.version), "promote", f"replaced by v{number}", context)
+            registry.move(registry.champion, number, "promote", decision.reason, context)
     outcome = "promoted" if decision.promoted else "rejected"
     registry.tag(number, {"lowbit.promotion": outcome, "lowbit.promotion_reason": decision.reason})
     for key, value in {"lowbit.promotion": outcome, "lowbit.promotion_reason": decision.reason[:5000],

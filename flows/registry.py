@@ -1,10 +1,10 @@
 """The MLflow model registry as lowbit uses it: versions with lineage, two aliases, and their history.
 
     registry = Registry.open(params, root)           # a client whose server answered
-    registry.version_at(CHAMPION)                    # the serving model, or None
-    registry.move(CHAMPION, "3", reason="...", actor="promote", run_id=...)
+    registry.version_at(registry.champion)           # the serving model, or None
+    registry.move(registry.champion, "3", actor="promote", reason="...")
 
-`@champion` is what serves (`models:/<name>@champion`); `@previous` is the champion it
+`@champion` (promote.champion_alias) is what serves (`models:/<name>@champion`); `@previous` is the champion it
 replaced, so `lowbit rollback` has somewhere to go. MLflow keeps no history of aliases, so
 every move is also written as a small run in the experiment `<tracking.experiment>-registry`
 (tags: lowbit.kind=alias_move, the alias, from/to versions, who moved it and why);
@@ -14,7 +14,6 @@ every move is also written as a small run in the experiment `<tracking.experimen
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,14 +24,11 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from flows.tracking import resolve_uri
-from lowbit.config import Params
+from lowbit.config import Params, alias_name
 from lowbit.errors import LowbitError
 
-CHAMPION = "champion"
+CHAMPION = "champion"  # the defaults of promote.champion_alias / previous_alias
 PREVIOUS = "previous"
-# MLflow refuses `latest` and `v<n>` (they already mean a version); say so before anything changes.
-RESERVED_ALIAS = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)
-VALID_ALIAS = re.compile(r"^[\w-]+$")
 
 # MLflow retries an unanswered HTTP request 7 times with backoff (minutes) and waits 120 s for
 # each; a weekly job should fail in seconds with a message instead. A user's own setting wins.
@@ -42,11 +38,10 @@ CONNECT_ATTEMPTS = 3
 
 
 def check_alias(alias: str) -> str:
-    if RESERVED_ALIAS.match(alias):
-        raise LowbitError(f"alias {alias!r} is reserved by MLflow (`latest` and `v<n>` name versions); choose another")
-    if not VALID_ALIAS.match(alias):
-        raise LowbitError(f"alias {alias!r}: use letters, digits, '_' and '-' only")
-    return alias
+    try:
+        return alias_name(alias)
+    except ValueError as err:
+        raise LowbitError(str(err)) from None
 
 
 def connect(uri: str, attempts: int = CONNECT_ATTEMPTS, pause_s: float = 2.0) -> MlflowClient:
@@ -91,11 +86,15 @@ class Registry:
     client: MlflowClient
     name: str
     history_experiment: str
+    champion: str = CHAMPION
+    previous: str = PREVIOUS
 
     @classmethod
     def open(cls, params: Params, root: Path) -> Registry:
         client = connect(resolve_uri(params.tracking.uri, root))
-        return cls(client, params.promote.registered_model, f"{params.tracking.experiment}-registry")
+        policy = params.promote
+        return cls(client, policy.registered_model, f"{params.tracking.experiment}-registry",
+                   policy.champion_alias, policy.previous_alias)
 
     def exists(self) -> bool:
         try:
@@ -192,13 +191,13 @@ def rollback(registry: Registry, reason: str, to_version: str | None = None) -> 
     """@champion back to @previous (or to `to_version`); the replaced champion becomes @previous,
     so a second rollback undoes the first."""
     registry.require()
-    champion = registry.version_at(CHAMPION)
-    target = registry.version(to_version) if to_version else registry.version_at(PREVIOUS)
+    champion = registry.version_at(registry.champion)
+    target = registry.version(to_version) if to_version else registry.version_at(registry.previous)
     if target is None:
-        raise LowbitError(f"{registry.name} has no @{PREVIOUS} to roll back to; name a version with --to")
+        raise LowbitError(f"{registry.name} has no @{registry.previous} to roll back to; name a version with --to")
     if champion is not None and str(champion.version) == str(target.version):
-        raise LowbitError(f"v{str(target.version)} is already {registry.name}@{CHAMPION}; nothing to roll back")
+        raise LowbitError(f"v{target.version} is already {registry.name}@{registry.champion}; nothing to roll back")
     if champion is not None:
-        registry.move(PREVIOUS, str(champion.version), "rollback", f"rolled back to v{str(target.version)}: {reason}")
+        registry.move(registry.previous, str(champion.version), "rollback", f"rolled back to v{target.version}: {reason}")
     registry.tag(str(target.version), {"lowbit.rolled_back_to": reason})
-    return registry.move(CHAMPION, str(target.version), "rollback", reason)
+    return registry.move(registry.champion, str(target.version), "rollback", reason)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -177,8 +178,23 @@ PROMOTION_OBJECTIVES = {"accuracy": True, "f1_macro": True, "weight_bytes": Fals
                         "throughput_samples_s": True}
 
 
+# MLflow refuses `latest` and `v<n>` as aliases (they already name versions).
+RESERVED_ALIAS = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)
+VALID_ALIAS = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def alias_name(alias: str) -> str:
+    if RESERVED_ALIAS.match(alias):
+        raise ValueError(f"alias {alias!r} is reserved by MLflow (`latest` and `v<n>` name versions); choose another")
+    if not VALID_ALIAS.match(alias):
+        raise ValueError(f"alias {alias!r}: use letters, digits, '_' and '-' only")
+    return alias
+
+
 class PromoteParams(Section):
     registered_model: str = Field(min_length=1, max_length=256)
+    champion_alias: str
+    previous_alias: str
     objective: str
     max_accuracy_drop: float = Field(ge=0.0, le=100.0)
     max_weight_bytes: int | None = Field(ge=1)
@@ -190,6 +206,17 @@ class PromoteParams(Section):
     @classmethod
     def known_objective(cls, name: str) -> str:
         return registered("promotion objectives (metrics)", [name], list(PROMOTION_OBJECTIVES))[0]
+
+    @field_validator("champion_alias", "previous_alias")
+    @classmethod
+    def usable_alias(cls, alias: str) -> str:
+        return alias_name(alias)
+
+    @model_validator(mode="after")
+    def distinct_aliases(self) -> "PromoteParams":
+        if self.champion_alias == self.previous_alias:
+            raise ValueError(f"champion_alias and previous_alias are both {self.champion_alias!r}; they must differ")
+        return self
 
 
 class DeterminismParams(Section):

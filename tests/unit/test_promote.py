@@ -91,6 +91,10 @@ def test_promote_params_are_validated_naming_the_key(tmp_path):
         write_overrides(params, ["promote.objective=bleu"])
     with pytest.raises(LowbitError, match=r"promote\.min_improvement"):
         write_overrides(params, ["promote.min_improvement=0"])
+    with pytest.raises(LowbitError, match=r"promote\.champion_alias.*'latest' is reserved by MLflow"):
+        write_overrides(params, ["promote.champion_alias=latest"])
+    with pytest.raises(LowbitError, match=r"both 'champion'; they must differ"):
+        write_overrides(params, ["promote.previous_alias=champion"])
 
 
 def test_a_tracking_server_that_does_not_answer_fails_fast_and_says_what_to_set(monkeypatch):
