@@ -186,17 +186,11 @@ def cmd_champion(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_schedule(args: argparse.Namespace, paths: Paths) -> int:
-    from flows.retrain import check_cron
-
-    check_cron(args.cron)  # before Prefect starts
     load_params(paths.params)
     quiet_libraries()
-    prepare_prefect_environment()
     from flows.retrain import serve
 
-    print(f"serving lowbit-retrain on '{args.cron}' for {paths.root}; Ctrl-C stops (the schedule is not paused)")
-    with explained_prefect_startup():
-        serve(paths.root, args.cron)
+    serve(paths.root, args.cron)
     return 0
 
 

@@ -13,10 +13,19 @@ concurrency limit (flows/promote.py), so two runs started at once move @champion
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 from prefect import flow, task
 from prefect.client.schemas.schedules import CronSchedule
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.pipeline import pipeline
 from flows.promote import promote
@@ -60,5 +69,50 @@ def check_cron(cron: str) -> str:
 
 def serve(root: Path, cron: str) -> None:
     """Serve the retraining flow on `cron` from this process until interrupted."""
-    retrain.serve(name=DEPLOYMENT, cron=check_cron(cron), parameters={"root": str(root)}, global_limit=1,
-                  pause_on_shutdown=False)
+    check_cron(cron)  # before a server starts
+    with prefect_server_for_schedules() as api, temporary_settings({PREFECT_API_URL: api}):
+        print(f"serving {DEPLOYMENT} on '{cron}' for {root} (Prefect API {api}); "
+              "Ctrl-C stops serving, the schedule stays active", flush=True)
+        retrain.serve(name=DEPLOYMENT, cron=cron, parameters={"root": str(root)}, global_limit=1,
+                      pause_on_shutdown=False, print_starting_message=False)
+
+
+@contextlib.contextmanager
+def prefect_server_for_schedules(wait_s: float = 300.0) -> Iterator[str]:
+    """The Prefect API a schedule needs. Prefect's temporary API runs no scheduler (a served
+    cron never fires on it), so without PREFECT_API_URL a local `prefect server start` is run
+    for as long as the schedule is served, then stopped."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield os.environ["PREFECT_API_URL"]
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    prefect = Path(sys.executable).parent / "prefect"
+    server = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + wait_s
+        while not _answers(f"{url}/health"):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise LowbitError(f"`prefect server start` did not answer on {url} within {wait_s:.0f} s "
+                                  f"({(server.stderr.read() if server.poll() is not None else '')[-500:]}); "
+                                  "start one yourself and set PREFECT_API_URL")
+            time.sleep(1.0)
+        os.environ["PREFECT_API_URL"] = url
+        yield url
+    finally:
+        server.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(timeout=30)
+        if server.poll() is None:
+            server.kill()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False

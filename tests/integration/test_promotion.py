@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import signal
+import subprocess
+import sys
 import threading
+import time
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,7 +36,7 @@ from lowbit.measure import weight_bytes
 from lowbit.statistics import point_metrics
 from lowbit.variants import write_card
 from tasks.plumbing import Paths
-from tests.conftest import REPO, TINY, make_project, set_params
+from tests.conftest import REPO, TINY, make_project, set_params, venv_env
 from tests.tiny_model import tiny_classifier_dir
 
 LABELS = ["negative", "neutral", "positive"]
@@ -234,3 +238,36 @@ def test_retrain_runs_the_pipeline_and_promotes_and_a_retrain_with_nothing_chang
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["lowbit-retrain"])))
     assert sum(r.state.is_completed() for r in runs if r.parameters.get("root") == str(root)) == 2
+
+
+def test_a_cron_that_does_not_parse_is_refused_before_anything_starts(tmp_path, capsys):
+    root = project(tmp_path)
+    started = time.perf_counter()
+    assert lowbit_main(["--root", str(root), "schedule", "--cron", "0 25 * * *"]) == 2
+    assert "--cron '0 25 * * *' is not a cron expression" in capsys.readouterr().err
+    assert time.perf_counter() - started < 10
+
+
+@pytest.mark.slow
+def test_a_served_schedule_fires_a_retrain_that_promotes(tmp_path):
+    """`lowbit schedule` on a real local Prefect server (the temporary API runs no scheduler):
+    a cron of every minute fires one retraining run, which promotes; then serving stops."""
+    model = tiny_classifier_dir(tmp_path / "tiny", num_labels=2, hidden_size=64, init_std=0.2)
+    root = make_project(tmp_path / "project", TINY | {
+        "model.name": str(model), "ptq.schemes": ["int8_dynamic"], "promote.max_accuracy_drop": 100.0,
+        "tracking.dvc_push": False})
+    env = {k: v for k, v in venv_env().items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path / "prefect")}
+    log = (tmp_path / "schedule.log").open("w")
+    served = subprocess.Popen([str(Path(sys.executable).parent / "lowbit"), "--root", str(root), "schedule",
+                               "--cron", "* * * * *"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 900
+        while "is now lowbit-classifier@champion" not in (tmp_path / "schedule.log").read_text():
+            assert served.poll() is None, (tmp_path / "schedule.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (tmp_path / "schedule.log").read_text()[-3000:]
+            time.sleep(5)
+    finally:
+        served.send_signal(signal.SIGINT)
+        served.wait(timeout=60)
+    registry = Registry.open(load_params(root / "params.yaml"), root)
+    assert registry.version_at(CHAMPION).version == 1
