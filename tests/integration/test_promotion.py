@@ -214,6 +214,7 @@ def test_two_promotions_at_once_move_the_champion_once(tmp_path, monkeypatch):
 def test_retrain_runs_the_pipeline_and_promotes_and_a_retrain_with_nothing_changed_moves_nothing(tmp_path, capsys):
     from prefect import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
 
     model = tiny_classifier_dir(tmp_path / "tiny", num_labels=2, hidden_size=64, init_std=0.2)
     root = make_project(tmp_path / "project", TINY | {
@@ -236,7 +237,8 @@ def test_retrain_runs_the_pipeline_and_promotes_and_a_retrain_with_nothing_chang
     assert version_tags["lowbit.dvc_out"].startswith("models/") and len(version_tags["lowbit.dvc_out_md5"]) >= 32
     assert version_tags["lowbit.prefect_flow_run_id"] not in ("", "None")
     with get_client(sync_client=True) as client:
-        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["lowbit-retrain"])))
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["lowbit-retrain"])),
+                                     sort=FlowRunSort.START_TIME_DESC, limit=50)
     assert sum(r.state.is_completed() for r in runs if r.parameters.get("root") == str(root)) == 2
 
 
