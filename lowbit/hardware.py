@@ -16,6 +16,7 @@ The decisions:
 - `bnb_cpu_repack`          whether a 4-bit layer may use bitsandbytes' AVX512-BF16 inference layout
 - `int8_kernel_family`      which x86 int8 instructions the int8 kernels get (reported, not chosen)
 - `evaluation_threads`      torch intra-op threads while evaluating
+- `determinism_environment` what deterministic training needs in the environment (cuBLAS workspace on CUDA)
 
 Deliberately not hardware-conditional: int8 activations always use 7-bit ranges
 (`reduce_range`). A saved int8 model travels (DVC cache, MLflow registry) to CPUs of
@@ -148,6 +149,24 @@ def int8_kernel_family(caps: Capabilities) -> str:
 def evaluation_threads(setting: int, caps: Capabilities) -> int:
     """evaluate.num_threads, or 0 = every core torch would use by default."""
     return setting if setting > 0 else caps.cores
+
+
+# A fixed cuBLAS workspace: 8 buffers of 4 MiB (":16:8", smaller and slower, works too).
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def determinism_environment(enabled: bool, caps: Capabilities) -> dict[str, str]:
+    """Environment variables that deterministic training needs on this machine, to be set before
+    the first CUDA matmul.
+
+    On CUDA, cuBLAS (10.2+) splits a GEMM's reduction by whatever workspace its stream gets, so the
+    same call can sum in another order; with a fixed CUBLAS_WORKSPACE_CONFIG it does not, and torch
+    refuses deterministic mode without one (its first cuBLAS call raises). CPUs need nothing: their
+    kernels' order depends on the thread count, which `determinism.num_threads` sets.
+    """
+    if enabled and caps.cuda:
+        return {"CUBLAS_WORKSPACE_CONFIG": CUBLAS_WORKSPACE}
+    return {}
 
 
 def describe_environment() -> dict:

@@ -6,14 +6,18 @@ AdamW with linear warmup/decay, gradient clipping, seeded shuffling, validation
 after every epoch, and the best-on-validation weights restored at the end.
 Variants differ only in the model they pass in (fake-quantized, PEFT-wrapped, 4-bit)
 and in the optional `on_step` hook (QAT freezes its observers there).
+
+Every stage that trains or calibrates runs inside `determinism(...)` (params.yaml's
+`determinism` section) and records what it applied in its result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -22,7 +26,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
-from lowbit.config import TrainParams
+from lowbit.config import DeterminismParams, TrainParams
+from lowbit.errors import LowbitError
+from lowbit.hardware import Capabilities, determinism_environment
 from lowbit.measure import current_rss_bytes, peak_rss_bytes, release_free_heap, reset_peak_rss, weight_bytes
 from lowbit.metrics import quality_metrics
 
@@ -38,6 +44,80 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def apply_determinism(cfg: DeterminismParams, seed: int, caps: Capabilities) -> dict[str, int]:
+    """Set this process up as params.yaml's `determinism` says, seed it, and return what was
+    applied: {"deterministic": 0 or 1, "torch_threads": the intra-op thread count now in use},
+    for the stage's result and MLflow. Stages use it through `determinism`, first, before any
+    model is built.
+
+    With `enabled`, torch must use deterministic algorithms, strictly (warn_only=False): on CPU
+    no op that lowbit's training uses raises (baseline, qat, lora and qlora, and ptq's
+    calibration and every scheme's build, were run under it), so an op that would break the
+    bit-identical guarantee (one added later, or a CUDA kernel that accumulates atomically)
+    stops the stage with its name instead of passing unnoticed; `train` says which key turns it
+    off. The one alert seen, int8 inference, is a false alarm handled by `int8_inference_allowed`.
+    The thread count matters on CPU too: the order of large reductions follows it (LayerNorm
+    weight gradients of MiniLM differed between 1 and 2 threads here), so a fixed
+    `num_threads` makes runs agree across machines whose default differs.
+    """
+    for key, value in determinism_environment(cfg.enabled, caps).items():
+        os.environ.setdefault(key, value)  # a valid value set by the user (":16:8") is kept; torch names an invalid one
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    torch.use_deterministic_algorithms(cfg.enabled)
+    seed_everything(seed)
+    return {"deterministic": int(torch.are_deterministic_algorithms_enabled()), "torch_threads": torch.get_num_threads()}
+
+
+@contextlib.contextmanager
+def determinism(cfg: DeterminismParams, seed: int, caps: Capabilities) -> Iterator[dict[str, int]]:
+    """`apply_determinism` for the block; torch's mode and thread count are put back after it.
+
+    Stages run as processes of their own, but their `run` functions are also called in-process
+    (tests, notebooks, `lowbit stage`): a deterministic mode left on there would make a later,
+    unrelated int8 call raise (see `int8_inference_allowed`)."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.get_num_threads())
+    try:
+        yield apply_determinism(cfg, seed, caps)
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.set_num_threads(before[2])
+
+
+@contextlib.contextmanager
+def int8_inference_allowed():
+    """Run torch's int8 CPU kernels in a process in deterministic mode: the mode is off inside the block.
+
+    `quantized::linear` resizes its quantized output tensor, and torch flags every quantized
+    resize as nondeterministic (`quantized_resize_cpu_`: grown memory it cannot fill with NaN);
+    the GEMM then writes every output element, so the result does not depend on that memory.
+    Not warn_only: torch then prints its warning on every call, thousands of lines for one pass
+    over the layers.
+    """
+    mode = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(mode[0], warn_only=mode[1])
+
+
+@contextlib.contextmanager
+def nondeterministic_ops_named():
+    """Torch's error for an op without a deterministic algorithm, with the params key that allows it."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "does not have a deterministic implementation" not in str(err):
+            raise
+        op = str(err).split(" does not have")[0]
+        raise LowbitError(
+            f"{op} has no deterministic implementation on this machine, and params.yaml determinism.enabled is true; "
+            "set determinism.enabled: false to train with it (two runs may then differ in the last bits)"
+        ) from err
 
 
 def make_loader(
@@ -137,29 +217,30 @@ def train(
     device = next(model.parameters()).device
 
     best_state, best, history, step, samples, seconds = None, (-1.0, 0), [], 0, 0, 0.0
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        epoch_start = time.perf_counter()
-        losses = []
-        for batch in tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=progress_disabled(), leave=False):
-            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            schedule.step()
-            state_bytes = training_state_bytes(model, optimizer)
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            samples += len(batch["labels"])
-            step += 1
-            if on_step:
-                on_step(step)
-        seconds += time.perf_counter() - epoch_start  # training only: validation is not in train_samples_s
-        val_accuracy = quality_metrics(*predict_logits(model, val_loader))["accuracy"]
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": val_accuracy})
-        if val_accuracy > best[0]:
-            best = (val_accuracy, epoch)
-            best_state = snapshot(model)
+    with nondeterministic_ops_named():  # determinism.enabled: an op without a deterministic algorithm names the key
+        for epoch in range(1, cfg.epochs + 1):
+            model.train()
+            epoch_start = time.perf_counter()
+            losses = []
+            for batch in tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", disable=progress_disabled(), leave=False):
+                loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                schedule.step()
+                state_bytes = training_state_bytes(model, optimizer)
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+                samples += len(batch["labels"])
+                step += 1
+                if on_step:
+                    on_step(step)
+            seconds += time.perf_counter() - epoch_start  # training only: validation is not in train_samples_s
+            val_accuracy = quality_metrics(*predict_logits(model, val_loader))["accuracy"]
+            history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": val_accuracy})
+            if val_accuracy > best[0]:
+                best = (val_accuracy, epoch)
+                best_state = snapshot(model)
     if best[1] != cfg.epochs:
         restore(model, best_state)
     peak = peak_rss_bytes()

@@ -23,7 +23,7 @@ from lowbit.hardware import detect, device_map, qlora_compute_dtype
 from lowbit.io import atomic_dir, read_json, write_json
 from lowbit.measure import cuda_peak_bytes
 from lowbit.models import load_classifier, load_tokenizer, param_counts, resolve_model
-from lowbit.train import make_loader, seed_everything, train
+from lowbit.train import determinism, make_loader, train
 from lowbit.variants import write_card
 from tasks.plumbing import RESULT_FILE, Paths, StageClock
 
@@ -36,18 +36,19 @@ def run_adapter_stage(section: str, cfg: LoraParams, params: Params, paths: Path
     labels = read_json(paths.prepared / "meta.json")["labels"]
     source = resolve_model(params.model.name)
     tokenizer = load_tokenizer(source, params.model)
-    seed_everything(cfg.seed)  # the head and the adapters' A matrices are drawn here: from the seed, not the process
-    model = lora_model(build_base(source, labels), cfg, section)
-    optimizer, why, factory = optimizer_choice(cfg) if quantized else ("AdamW", "full-precision adapters", None)
-    print(f"{section}: optimizer {optimizer} ({why})", flush=True)
-    val = pd.read_parquet(paths.prepared / "val.parquet")
-    fit = train(model, tokenizer, pd.read_parquet(paths.prepared / "train.parquet"), val, cfg,
-                params.model.max_length, optimizer_factory=factory)
+    # seeded here: the head and the adapters' A matrices are drawn next, from the seed, not the process
+    with determinism(params.determinism, cfg.seed, detect()) as applied:
+        model = lora_model(build_base(source, labels), cfg, section)
+        optimizer, why, factory = optimizer_choice(cfg) if quantized else ("AdamW", "full-precision adapters", None)
+        print(f"{section}: optimizer {optimizer} ({why})", flush=True)
+        val = pd.read_parquet(paths.prepared / "val.parquet")
+        fit = train(model, tokenizer, pd.read_parquet(paths.prepared / "train.parquet"), val, cfg,
+                    params.model.max_length, optimizer_factory=factory)
     trainable, total = param_counts(model)
     result = {
         "variant": section, **fit.figures(),
         "trainable_params": trainable, "total_params": total, "trainable_share": trainable / total,
-        "cuda_peak_bytes": cuda_peak_bytes(), "optimizer": optimizer, "optimizer_reason": why,
+        "cuda_peak_bytes": cuda_peak_bytes(), "optimizer": optimizer, "optimizer_reason": why, **applied,
     }
     card = {"base_model": params.model.name, "labels": labels, "training": result}
     if quantized:

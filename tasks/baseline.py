@@ -1,7 +1,7 @@
 """baseline: full FP32 fine-tune of the pretrained model, best-on-validation checkpoint.
 
 Run: python -m tasks.baseline   (dvc repro baseline; lowbit run)
-Reads params: model.*, baseline.*   Writes: models/baseline/ (safetensors + tokenizer + card)
+Reads params: model.*, baseline.*, determinism.*   Writes: models/baseline/ (safetensors + tokenizer + card)
 """
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ from __future__ import annotations
 import pandas as pd
 
 from lowbit.config import Params
+from lowbit.hardware import detect
 from lowbit.io import atomic_dir, read_json, write_json
 from lowbit.models import load_classifier, load_tokenizer, param_counts, resolve_model, save_model
-from lowbit.train import seed_everything, train
+from lowbit.train import determinism, train
 from lowbit.variants import write_card
 from tasks.plumbing import RESULT_FILE, Paths, StageClock, stage_main
 
@@ -21,14 +22,15 @@ def run(params: Params, paths: Paths) -> dict:
     labels = read_json(paths.prepared / "meta.json")["labels"]
     source = resolve_model(params.model.name)
     tokenizer = load_tokenizer(source, params.model)
-    seed_everything(params.baseline.seed)  # the new head's initial weights come from the seed, not the process
-    model = load_classifier(source, params.model, labels)
-    fit = train(
-        model, tokenizer, pd.read_parquet(paths.prepared / "train.parquet"), pd.read_parquet(paths.prepared / "val.parquet"),
-        params.baseline, params.model.max_length,
-    )
+    # seeded here: the new head's initial weights come from the seed, not the process
+    with determinism(params.determinism, params.baseline.seed, detect()) as applied:
+        model = load_classifier(source, params.model, labels)
+        fit = train(
+            model, tokenizer, pd.read_parquet(paths.prepared / "train.parquet"), pd.read_parquet(paths.prepared / "val.parquet"),
+            params.baseline, params.model.max_length,
+        )
     trainable, total = param_counts(model)
-    result = {"variant": "fp32", **fit.figures(), "trainable_params": trainable, "total_params": total}
+    result = {"variant": "fp32", **fit.figures(), "trainable_params": trainable, "total_params": total, **applied}
     with atomic_dir(paths.models / "baseline") as out:
         save_model(model, tokenizer, out)
         write_card(out, "fp32", "hf", "baseline", base_model=params.model.name, training=result)

@@ -1,7 +1,7 @@
 """lora: LoRA adapters on the frozen pretrained model (PEFT); exports the adapter and a merged copy.
 
 Run: python -m tasks.lora   (dvc repro lora; lowbit run)
-Reads params: lora.*, export.*, model.*   Writes: models/lora/adapter, models/lora/merged
+Reads params: lora.*, export.*, model.*, determinism.*   Writes: models/lora/adapter, models/lora/merged
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """ptq: calibrate on the calib split and quantize the FP32 baseline with every configured scheme.
 
 Run: python -m tasks.ptq   (dvc repro ptq; lowbit run)
-Reads params: ptq.*, model.*   Writes: models/ptq/<variant>/ (and reports/sensitivity.* if ptq.sensitivity)
+Reads params: ptq.*, model.*, evaluate.batch_size, determinism.*
+Writes: models/ptq/<variant>/ (and reports/sensitivity.* if ptq.sensitivity)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 import pandas as pd
 
 from lowbit.config import Params
+from lowbit.hardware import detect
 from lowbit.io import atomic_dir, write_json
 from lowbit.measure import peak_rss_bytes, reset_peak_rss
 from lowbit.models import load_saved
@@ -20,8 +22,12 @@ from tasks.calibration import calib_batches
 from lowbit.quant.sensitivity import layer_sensitivity, write_sensitivity
 from lowbit.quant.scheme import SchemeContext
 from lowbit.quant.schemes import SCHEMES
-from lowbit.train import make_loader
+from lowbit.train import determinism, int8_inference_allowed, make_loader
 from tasks.plumbing import RESULT_FILE, Paths, StageClock, stage_main
+
+# ptq draws no random numbers from the global generators (the percentile observer samples with
+# its own generator, seeded 0); seeding anyway keeps a future draw from depending on the process.
+PTQ_SEED = 0
 
 
 def run_sensitivity(params: Params, paths: Paths, batches: list, out_dir) -> list[dict]:
@@ -40,7 +46,9 @@ def run(params: Params, paths: Paths) -> dict:
     clock = StageClock()
     reset_peak_rss()
     seconds, variants = {}, []
-    with atomic_dir(paths.models / "ptq") as out:
+    # Calibration passes and the compiled scheme's Inductor kernels reduce in an order that can follow
+    # the thread count (a sum of 10M floats differed between 1 and 2 threads here): same switch as training.
+    with determinism(params.determinism, PTQ_SEED, detect()) as applied, atomic_dir(paths.models / "ptq") as out:
         ctx = SchemeContext(
             baseline_dir=paths.models / "baseline", out_root=out, model=params.model,
             skip_modules=params.ptq.skip_modules, quantize_embeddings=params.ptq.quantize_embeddings,
@@ -54,9 +62,11 @@ def run(params: Params, paths: Paths) -> dict:
             seconds[f"{scheme}_seconds"] = time.perf_counter() - started
         if params.ptq.sensitivity:
             started = time.perf_counter()
-            run_sensitivity(params, paths, ctx.calib_batches(), out)
+            with int8_inference_allowed():  # scores int8 layers: torch's quantized-resize alert is a false alarm there
+                run_sensitivity(params, paths, ctx.calib_batches(), out)
             seconds["sensitivity_seconds"] = time.perf_counter() - started
-        result = {"variants": variants, **seconds, "peak_rss_bytes": peak_rss_bytes(), "stage_seconds": clock.seconds()}
+        result = {"variants": variants, **seconds, "peak_rss_bytes": peak_rss_bytes(), **applied,
+                  "stage_seconds": clock.seconds()}
         write_json(out / RESULT_FILE, result)
     return result
 

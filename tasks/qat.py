@@ -2,7 +2,7 @@
 
 Run: python -m tasks.qat   (dvc repro qat; lowbit run)
 Reads params: qat.*, ptq.skip_modules, ptq.quantize_embeddings, ptq.calib_rows, ptq.calib_batch_size,
-ptq.percentile, model.*   Writes: models/qat/
+ptq.percentile, model.*, determinism.*   Writes: models/qat/
 """
 
 from __future__ import annotations
@@ -12,41 +12,44 @@ import math
 import pandas as pd
 
 from lowbit.config import Params
+from lowbit.hardware import detect
 from lowbit.io import atomic_dir, write_json
 from lowbit.models import load_saved, param_counts
 from lowbit.quant.ptq import calibrate, linear_names, quantizable_layers
 from tasks.calibration import calib_batches
 from lowbit.quant.qat import convert_qat, freeze_observers, prepare_qat
 from lowbit.quant.storage import save_int8
-from lowbit.train import train
+from lowbit.train import determinism, train
 from tasks.plumbing import RESULT_FILE, Paths, StageClock, stage_main
 
 
 def run(params: Params, paths: Paths) -> dict:
     clock = StageClock()
-    baseline = paths.models / "baseline"
-    model, tokenizer = load_saved(baseline, params.model)
-    train_frame = pd.read_parquet(paths.prepared / "train.parquet")
-    layers = quantizable_layers(model, params.ptq.skip_modules, params.ptq.quantize_embeddings)
     cfg = params.qat
-    ranges = None
-    if cfg.init_observer != "ema":
-        ranges = calibrate(model, calib_batches(paths, params), linear_names(layers), cfg.init_observer, params.ptq.percentile)
-    prepare_qat(model, layers, ranges)
-    total_steps = cfg.epochs * math.ceil(len(train_frame) / cfg.batch_size)
-    freeze_at = int(cfg.observer_freeze_fraction * total_steps)
-    if ranges is None:
-        freeze_at = max(1, freeze_at)  # EMA ranges need at least one batch to form
-    if freeze_at == 0:
-        freeze_observers(model)
-    fit = train(
-        model, tokenizer, train_frame, pd.read_parquet(paths.prepared / "val.parquet"), cfg,
-        params.model.max_length, on_step=lambda step: step == freeze_at and freeze_observers(model),
-    )
+    baseline = paths.models / "baseline"
+    with determinism(params.determinism, cfg.seed, detect()) as applied:  # from the calibration on: it follows threads too
+        model, tokenizer = load_saved(baseline, params.model)
+        train_frame = pd.read_parquet(paths.prepared / "train.parquet")
+        layers = quantizable_layers(model, params.ptq.skip_modules, params.ptq.quantize_embeddings)
+        ranges = None
+        if cfg.init_observer != "ema":
+            ranges = calibrate(model, calib_batches(paths, params), linear_names(layers), cfg.init_observer,
+                               params.ptq.percentile)
+        prepare_qat(model, layers, ranges)
+        total_steps = cfg.epochs * math.ceil(len(train_frame) / cfg.batch_size)
+        freeze_at = int(cfg.observer_freeze_fraction * total_steps)
+        if ranges is None:
+            freeze_at = max(1, freeze_at)  # EMA ranges need at least one batch to form
+        if freeze_at == 0:
+            freeze_observers(model)
+        fit = train(
+            model, tokenizer, train_frame, pd.read_parquet(paths.prepared / "val.parquet"), cfg,
+            params.model.max_length, on_step=lambda step: step == freeze_at and freeze_observers(model),
+        )
     trainable, total = param_counts(model)
     layout = convert_qat(model)
     result = {"variant": "qat_int8", **fit.figures(), "init_observer": cfg.init_observer,
-              "observers_frozen_at_step": freeze_at, "trainable_params": trainable}
+              "observers_frozen_at_step": freeze_at, "trainable_params": trainable, **applied}
     with atomic_dir(paths.models / "qat") as out:
         start = "training batches (EMA)" if ranges is None else f"{cfg.init_observer} calibration"
         notes = [f"fake-quantized fine-tune from fp32 ({cfg.epochs} epoch(s)); activation ranges from {start}, "

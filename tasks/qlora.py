@@ -1,7 +1,7 @@
 """qlora: LoRA adapters on the pretrained model held in 4-bit NF4 with double quantization (bitsandbytes).
 
 Run: python -m tasks.qlora   (dvc repro qlora; lowbit run)
-Reads params: qlora.*, export.*, model.*   Writes: models/qlora/adapter, models/qlora/merged
+Reads params: qlora.*, export.*, model.*, determinism.*   Writes: models/qlora/adapter, models/qlora/merged
 """
 
 from __future__ import annotations

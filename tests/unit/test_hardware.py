@@ -6,8 +6,8 @@ import torch
 
 from lowbit import hardware
 from lowbit.hardware import (
-    Capabilities, bnb_cpu_repack, cpu_flags, device_map, evaluation_threads, int8_kernel_family, qlora_compute_dtype,
-    training_optimizer,
+    Capabilities, bnb_cpu_repack, cpu_flags, determinism_environment, device_map, evaluation_threads, int8_kernel_family,
+    qlora_compute_dtype, training_optimizer,
 )
 
 AVX2_CPU = Capabilities(cpu_capability="AVX2", cpu_flags=frozenset({"avx2"}), cores=2)
@@ -72,6 +72,15 @@ def test_int8_kernel_family(caps, family):
 @pytest.mark.parametrize("setting, caps, threads", [(0, AVX2_CPU, 2), (0, AMX_CPU, 8), (1, AMX_CPU, 1), (4, AVX2_CPU, 4)])
 def test_evaluation_threads(setting, caps, threads):
     assert evaluation_threads(setting, caps) == threads
+
+
+@pytest.mark.parametrize("caps, environment", [
+    (AVX2_CPU, {}), (AVX512_BF16_CPU, {}), (AMX_CPU, {}),
+    (CUDA_BF16, {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}), (CUDA_FP16_ONLY, {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}),
+])
+def test_deterministic_training_fixes_the_cublas_workspace_on_cuda_only(caps, environment):
+    assert determinism_environment(True, caps) == environment
+    assert determinism_environment(False, caps) == {}  # switched off: nothing set, on any machine
 
 
 def test_cpu_flags_are_read_from_cpuinfo():
