@@ -28,8 +28,8 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
+import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Run
@@ -37,10 +37,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import MetricThreshold
 from mlflow.models.evaluation import EvaluationResult
 
-import mlflow
 from flows.registry import Registry
 from lowbit.config import PROMOTION_OBJECTIVES, Params, PromoteParams
-from lowbit.data import split_digest
 from lowbit.errors import LowbitError
 from lowbit.io import read_json, sha256_tree
 from lowbit.statistics import point_metrics
@@ -74,6 +72,10 @@ class Decision:
     champion_version: str | None = None
     skipped: list[str] = field(default_factory=list)
 
+    @property
+    def outcome(self) -> str:
+        return "promoted" if self.promoted else "rejected"
+
     def line(self, model: str) -> str:
         if self.challenger is None:
             return f"promotion: rejected — {self.reason}"
@@ -84,12 +86,6 @@ class Decision:
 
 
 # --- the policy (pure) -------------------------------------------------------------------------
-
-
-def check_policy(policy: PromoteParams) -> None:
-    if policy.objective not in PROMOTION_OBJECTIVES:
-        raise LowbitError(f"params.yaml: promote.objective: {policy.objective!r} is not a metric lowbit ranks by; "
-                          f"use one of {', '.join(PROMOTION_OBJECTIVES)}")
 
 
 def ineligibility(candidate: Candidate, policy: PromoteParams) -> str | None:
@@ -215,20 +211,38 @@ def champion_metrics(registry: Registry, champion, digest: str, paths: Paths) ->
 
 def promote(paths: Paths, params: Params, run_id: str | None = None) -> Decision:
     """The promotion step on pipeline run `run_id` (default: the latest finished one)."""
-    from flows.model_artifacts import log_variant_model
-
-    policy = params.promote
-    check_policy(policy)
+    policy = params.promote  # validated at load: objective is a known metric, aliases usable
     registry = Registry.open(params, paths.root)
     run = pipeline_run(registry.client, params.tracking.experiment, run_id)
     if run.info.status != "FINISHED":
         raise LowbitError(f"pipeline run {run.info.run_id} ended {run.info.status}: only a complete run is promoted")
     challenger, skipped = pick_challenger(candidates_of(registry.client, run), policy)
     if challenger is None:
-        decision = Decision(False, "no variant is eligible: " + "; ".join(skipped), skipped=skipped)
-        registry.client.set_tag(run.info.run_id, "lowbit.promotion", "rejected")
-        registry.client.set_tag(run.info.run_id, "lowbit.promotion_reason", decision.reason[:5000])
-        return decision
+        decision = Decision(False, "no variant is eligible: " + "; ".join(skipped))
+    else:
+        number = register_challenger(registry, run, challenger, paths, params)
+        digest = run.data.tags.get("lowbit.test_digest", "")  # missing on runs older than the tag: re-scored
+        with promotion_lock(registry.name):
+            champion = registry.version_at(registry.champion)  # read again inside the lock: another run may have just moved it
+            decision = decide(registry, champion, challenger, number, digest, paths, policy)
+            context = {"lowbit.pipeline_run_id": run.info.run_id}
+            if decision.promoted:
+                if champion is not None:
+                    registry.move(registry.previous, str(champion.version), "promote", f"replaced by v{number}", context)
+                registry.move(registry.champion, number, "promote", decision.reason, context)
+        registry.tag(number, {"lowbit.promotion": decision.outcome, "lowbit.promotion_reason": decision.reason})
+    decision.skipped = skipped
+    for key, value in {"lowbit.promotion": decision.outcome, "lowbit.promotion_reason": decision.reason[:5000],
+                       "lowbit.promotion_version": decision.version or ""}.items():
+        registry.client.set_tag(run.info.run_id, key, value)
+    return decision
+
+
+def register_challenger(registry: Registry, run: Run, challenger: Candidate, paths: Paths, params: Params) -> str:
+    """The challenger's model version: an existing one holding the same files (a retrain that
+    changed nothing), else its files logged as a pyfunc and registered with their lineage."""
+    from flows.model_artifacts import log_variant_model
+
     model_dir = paths.root / challenger.tags["lowbit.model_dir"]
     if not model_dir.is_dir() or sha256_tree(model_dir) != challenger.tags.get("lowbit.model_sha256"):
         raise LowbitError(f"{model_dir} is not the model run {run.info.run_id} evaluated (its files changed since); "
@@ -241,24 +255,7 @@ def promote(paths: Paths, params: Params, run_id: str | None = None) -> Decision
         uri = log_variant_model(registry.client.tracking_uri, challenger.run_id, model_dir, params.model, labels,
                                 calibrator if calibrator.is_file() else None)
         version = registry.register(uri, challenger.run_id, version_tags(run, challenger))
-    number = str(version.version)  # MLflow 3 gives an int here, a str elsewhere
-    digest = run.data.tags.get("lowbit.test_digest") or split_digest(
-        pd.read_parquet(paths.prepared / "test.parquet"), read_json(paths.prepared / "meta.json")["labels"])
-    with promotion_lock(registry.name):
-        champion = registry.version_at(registry.champion)  # read again inside the lock: another run may have just moved it
-        decision = decide(registry, champion, challenger, number, digest, paths, policy)
-        decision.skipped = skipped
-        context = {"lowbit.pipeline_run_id": run.info.run_id}
-        if decision.promoted:
-            if champion is not None:
-                registry.move(registry.previous, str(champion.version), "promote", f"replaced by v{number}", context)
-            registry.move(registry.champion, number, "promote", decision.reason, context)
-    outcome = "promoted" if decision.promoted else "rejected"
-    registry.tag(number, {"lowbit.promotion": outcome, "lowbit.promotion_reason": decision.reason})
-    for key, value in {"lowbit.promotion": outcome, "lowbit.promotion_reason": decision.reason[:5000],
-                       "lowbit.promotion_version": number}.items():
-        registry.client.set_tag(run.info.run_id, key, value)
-    return decision
+    return str(version.version)  # MLflow 3 gives an int here, a str elsewhere
 
 
 def decide(registry: Registry, champion, challenger: Candidate, version: str, digest: str, paths: Paths,
