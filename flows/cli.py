@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("show", help="print the last report (reports/summary.md)")
     add_compare_arguments(sub.add_parser("compare", help="compare pipeline runs and their variants from MLflow"))
     add_reproduce_arguments(sub.add_parser("reproduce", help="re-create a past run in a git worktree and compare its figures"))
-    sub.add_parser("retrain", help="re-read the data, run the pipeline, promote (what the schedule runs)")
+    retrain = sub.add_parser("retrain", help="re-read the data, run the pipeline, promote (what the schedule runs)")
+    retrain.add_argument("--parallel", type=int, default=1, metavar="N", help="independent stages run at once (as for run)")
     promote = sub.add_parser("promote", help="promote the best variant of a pipeline run under params.yaml `promote`")
     promote.add_argument("--run", metavar="RUN_ID", help="pipeline run to promote from (default: the latest finished)")
     rollback = sub.add_parser("rollback", help="move @champion back to @previous (or to --to VERSION)")
@@ -92,8 +93,7 @@ def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
     else:
         load_params(paths.params)  # fail on bad params before starting Prefect
     quiet_libraries()
-    if args.parallel < 1:
-        raise LowbitError(f"--parallel {args.parallel}: must be 1 or more")
+    check_parallel(args.parallel)
     prepare_prefect_environment()
     from flows.pipeline import pipeline_with_parallelism  # Prefect import is slow: only for `run`
 
@@ -106,6 +106,11 @@ def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
     print(f"stages run: {ran}; {time.perf_counter() - started:.1f} s in all")
     print(f"MLflow run {outcome['mlflow_run_id']} in {outcome['tracking_uri']}")
     return 0
+
+
+def check_parallel(parallel: int) -> None:
+    if parallel < 1:
+        raise LowbitError(f"--parallel {parallel}: must be 1 or more")
 
 
 def prepare_prefect_environment() -> None:
@@ -132,12 +137,13 @@ def explained_prefect_startup():
 def cmd_retrain(args: argparse.Namespace, paths: Paths) -> int:
     started = time.perf_counter()
     load_params(paths.params)
+    check_parallel(args.parallel)
     quiet_libraries()
     prepare_prefect_environment()
     from flows.retrain import retrain
 
     with explained_prefect_startup():
-        outcome = retrain(root=str(paths.root))
+        outcome = retrain(root=str(paths.root), parallel=args.parallel)
     ran = ", ".join(outcome["ran"]) or "nothing (all stages up to date)"
     print(f"stages run: {ran}; {time.perf_counter() - started:.1f} s in all")
     print(outcome["promotion"]["line"])
