@@ -23,10 +23,9 @@ pay their ~2 s import time.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fnmatch
+import itertools
 import math
-import os
 import re
 import string
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+from flows.mlflow_store import open_store, store_errors
 from lowbit.errors import LowbitError
 
 if TYPE_CHECKING:
@@ -52,13 +52,6 @@ MIB = 1024 * 1024
 METRICS = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "accuracy_delta", "accuracy_delta_significant",
            "f1_macro", "ece", "weight_bytes", "disk_bytes", "bits_per_param", "latency_ms_p50",
            "throughput_samples_s", "peak_rss_bytes")
-
-# MLflow retries a request that gets no answer MLFLOW_HTTP_REQUEST_MAX_RETRIES times (default 7) with
-# exponential backoff and a 120 s timeout per try: minutes before any error. A comparison is read-only
-# and interactive, so it gives up after 3 tries of 7 s (backoff 0 + 2 s, jitter <= 1 s each: about
-# 25 s against a server that accepts and never replies), unless the user set these variables.
-HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-               "MLFLOW_HTTP_REQUEST_TIMEOUT": "7"}
 
 
 @dataclass(frozen=True)
@@ -139,7 +132,7 @@ def compare_command(args: argparse.Namespace, paths: Paths) -> int:
     frame = build_frame(runs, selection.variants)
     if args.strict:
         refuse_incomparable(frame, runs)
-    out = Path(args.out) if Path(args.out).is_absolute() else paths.root / args.out
+    out = paths.root / args.out  # an absolute --out stays as given
     text = comparison_markdown(frame, runs, f"experiment `{selection.experiment}` in {uri}")
     write_outputs(frame, text, out)
     print(text)
@@ -225,68 +218,15 @@ def iso_utc(ms: int) -> str:
 
 def fetch_runs(uri: str, selection: Selection) -> list[PipelineRun]:
     """The selected pipeline runs (reference first) with their variant runs."""
-    from mlflow.exceptions import MlflowException, RestException
-
     client = open_store(uri)
-    try:
-        with bounded_http():
-            experiment = find_experiment(client, uri, selection.experiment)
-            if selection.run_ids:
-                resolved = [resolve_run(client, experiment, ident) for ident in selection.run_ids]
-                parents = list({run.info.run_id: run for run in resolved}.values())  # a prefix and the full id: once
-            else:
-                parents = search_parents(client, experiment, selection)
-            return [pipeline_run(client, parent) for parent in parents]
-    except RestException as err:  # the server answered, with an error
-        raise LowbitError(f"MLflow at {uri}: {err.message}") from None
-    except MlflowException as err:
-        # MLflow's wording when no HTTP response came at all (refused, unreachable, timed out)
-        if uri.startswith(("http://", "https://")) and re.search(r"failed with (timeout )?exception", err.message):
-            tries = int(os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_LIMITS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])) + 1
-            timeout = os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_LIMITS["MLFLOW_HTTP_REQUEST_TIMEOUT"])
-            raise LowbitError(
-                f"the MLflow tracking server at {uri} did not answer ({no_answer_reason(err.message)}; "
-                f"{tries} tries of up to {timeout} s). Start it, or point lowbit at another store with tracking.uri "
-                "in params.yaml or MLFLOW_TRACKING_URI (MLFLOW_HTTP_REQUEST_MAX_RETRIES and "
-                "MLFLOW_HTTP_REQUEST_TIMEOUT wait longer)"
-            ) from None
-        if uri.startswith(("http://", "https://")):  # an HTTP answer that MLflow's client could not use
-            raise LowbitError(f"{uri} answered, but not as an MLflow tracking server: {err.message.split('. Response body')[0]} "
-                              "(tracking.uri in params.yaml or MLFLOW_TRACKING_URI)") from None
-        raise LowbitError(f"MLflow store {uri}: {err.message}") from None
-
-
-def no_answer_reason(message: str) -> str:
-    """The cause inside MLflow's "API request ... failed with exception ... Caused by ..." text."""
-    errno = re.search(r"\[Errno -?\d+\] [^'\")]+", message)
-    if errno:
-        return errno.group(0)
-    cause = re.search(r"Caused by (\w+)", message)
-    reasons = {"ReadTimeoutError": "no reply in time", "ConnectTimeoutError": "no connection in time"}
-    return reasons.get(cause.group(1), cause.group(1)) if cause else message.splitlines()[0][:200]
-
-
-def open_store(uri: str) -> MlflowClient:
-    from mlflow import MlflowClient
-
-    # MLflow creates an empty SQLite store where none exists: a typo in the path would then
-    # report "no runs" and leave a stray mlflow.db behind.
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise LowbitError(f"no MLflow store at {uri.removeprefix('sqlite:///')} (tracking.uri in params.yaml, or "
-                          "MLFLOW_TRACKING_URI); run `lowbit run` first")
-    return MlflowClient(tracking_uri=uri)
-
-
-@contextlib.contextmanager
-def bounded_http() -> Iterator[None]:
-    """HTTP_LIMITS for the variables the user did not set, for the duration of the fetch."""
-    added = {key: value for key, value in HTTP_LIMITS.items() if key not in os.environ}
-    os.environ.update(added)
-    try:
-        yield
-    finally:
-        for key in added:
-            os.environ.pop(key, None)
+    with store_errors(uri):
+        experiment = find_experiment(client, uri, selection.experiment)
+        if selection.run_ids:
+            resolved = [resolve_run(client, experiment, ident) for ident in selection.run_ids]
+            parents = list({run.info.run_id: run for run in resolved}.values())  # a prefix and the full id: once
+        else:
+            parents = search_parents(client, experiment, selection)
+        return [pipeline_run(client, parent) for parent in parents]
 
 
 def find_experiment(client: MlflowClient, uri: str, name: str):
@@ -308,17 +248,11 @@ def search_parents(client: MlflowClient, experiment, selection: Selection) -> li
         clauses.append(f"attributes.start_time >= {selection.since_ms}")
     if selection.until_ms is not None:
         clauses.append(f"attributes.start_time < {selection.until_ms}")
-    found, token = [], None
-    while True:
-        page = client.search_runs([experiment.experiment_id], " and ".join(clauses), max_results=200,
-                                  order_by=["attributes.start_time DESC"], page_token=token)
-        # Tag values are compared here, not in the filter string: no quoting rules to get wrong.
-        found += [run for run in page if run.data.tags.get("lowbit.kind", "pipeline") == "pipeline"
-                  and all(run.data.tags.get(k) == v for k, v in selection.tags.items())]
-        token = page.token
-        if not token or (selection.last is not None and len(found) >= selection.last):
-            break
-    found = found[:selection.last] if selection.last is not None else found
+    newest_first = all_runs(client, experiment.experiment_id, " and ".join(clauses), "DESC", page_size=200)
+    # Tag values are compared here, not in the filter string: no quoting rules to get wrong.
+    matching = (run for run in newest_first if run.data.tags.get("lowbit.kind", "pipeline") == "pipeline"
+                and all(run.data.tags.get(k) == v for k, v in selection.tags.items()))
+    found = list(itertools.islice(matching, selection.last))  # stops fetching pages once `last` are found
     if not found:
         raise LowbitError(f"no pipeline run in experiment {experiment.name!r} matches {describe(selection)}")
     return found
@@ -367,15 +301,21 @@ def resolve_run(client: MlflowClient, experiment, ident: str):
     return run
 
 
-def pipeline_run(client: MlflowClient, run) -> PipelineRun:
-    children, token = [], None
+def all_runs(client: MlflowClient, experiment_id: str, filter_string: str, order: str, page_size: int) -> Iterator:
+    """The matching runs by start time (`order` ASC or DESC), fetching a page of `page_size` when needed."""
+    token = None
     while True:
-        page = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'",
-                                  max_results=1000, order_by=["attributes.start_time ASC"], page_token=token)
-        children += list(page)
+        page = client.search_runs([experiment_id], filter_string, max_results=page_size,
+                                  order_by=[f"attributes.start_time {order}"], page_token=token)
+        yield from page
         token = page.token
         if not token:
-            break
+            return
+
+
+def pipeline_run(client: MlflowClient, run) -> PipelineRun:
+    children = all_runs(client, run.info.experiment_id, f"tags.`mlflow.parentRunId` = '{run.info.run_id}'", "ASC",
+                        page_size=1000)
     variants: dict[str, VariantRun] = {}
     for child in children:  # logged in report order; a variant logged twice keeps its last run
         name = child.data.tags.get("lowbit.variant") or child.info.run_name
@@ -509,7 +449,7 @@ def comparison_markdown(frame: pd.DataFrame, runs: list[PipelineRun], source: st
     for _, row in frame.iterrows():
         cells = [row["run"], row["started"][:16].replace("T", " "), *([row["status"]] if show_status else []),
                  *([commit_label(row)] if show_commit else []),
-                 *("–" if row[c] is None or row[c] != row[c] else str(row[c]) for c in param_columns),
+                 *(_num(row[c], "{}") for c in param_columns),
                  row["variant"], accuracy_cell(row), delta_cell(row), _num(row["f1_macro"], "{:.4f}"),
                  _num(row["weight_bytes"] / MIB, "{:.1f}"), _num(row["latency_ms_p50"], "{:.2f}"),
                  _num(row["throughput_samples_s"], "{:.1f}"), row["split"] + ("" if row["comparable"] else " ‡")]
@@ -562,7 +502,7 @@ def pareto_across_runs(frame: pd.DataFrame, path: Path) -> None:
     colours = plt.get_cmap("tab10").colors
     points = []
     for i, run in enumerate(dict.fromkeys(frame["run"])):
-        rows = frame[(frame["run"] == run)].dropna(subset=["accuracy", "weight_bytes"])
+        rows = frame[frame["run"] == run].dropna(subset=["accuracy", "weight_bytes"])
         if rows.empty:
             continue
         colour, marker = colours[i % len(colours)], MARKERS[i % len(MARKERS)]

@@ -13,7 +13,6 @@ every move is also written as a small run in the experiment `<tracking.experimen
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,18 +22,13 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from flows.mlflow_store import open_store
 from flows.tracking import resolve_uri
 from lowbit.config import Params, alias_name
 from lowbit.errors import LowbitError
 
 CHAMPION = "champion"  # the defaults of promote.champion_alias / previous_alias
 PREVIOUS = "previous"
-
-# MLflow retries an unanswered HTTP request 7 times with backoff (minutes) and waits 120 s for
-# each; a weekly job should fail in seconds with a message instead. A user's own setting wins.
-HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-               "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
-CONNECT_ATTEMPTS = 3
 
 
 def check_alias(alias: str) -> str:
@@ -44,28 +38,16 @@ def check_alias(alias: str) -> str:
         raise LowbitError(str(err)) from None
 
 
-def connect(uri: str, attempts: int = CONNECT_ATTEMPTS, pause_s: float = 2.0) -> MlflowClient:
-    """A client for `uri` whose store answered; bounded retries, then an error naming what to set."""
-    for key, value in HTTP_LIMITS.items():
-        os.environ.setdefault(key, value)
+def connect(uri: str) -> MlflowClient:
+    """A client for `uri` whose store answered (bounded waits), or an error naming what to set."""
     # Global too: registering a logged model (`models:/m-...`) resolves it through MLflow's global
     # tracking URI, whatever the client says; one lowbit process talks to one store.
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    for attempt in range(1, attempts + 1):
-        try:
-            client.search_experiments(max_results=1)
-            return client
-        except MlflowException as err:
-            if attempt == attempts:
-                raise LowbitError(
-                    f"MLflow tracking store {uri} did not answer after {attempts} attempts ({str(err)[:300]}). "
-                    "Start the server or correct `tracking.uri` in params.yaml / MLFLOW_TRACKING_URI; "
-                    "nothing was registered."
-                ) from None
-            time.sleep(pause_s * attempt)
-    raise AssertionError("unreachable")
+    try:
+        return open_store(uri)
+    except LowbitError as err:
+        raise LowbitError(f"{err}; nothing was registered") from None
 
 
 def not_found(err: MlflowException) -> bool:

@@ -6,8 +6,9 @@
 1. The run is looked up in MLflow (the store `tracking.uri` names, or MLFLOW_TRACKING_URI): a
    pipeline run (tag lowbit.kind=pipeline) that finished, recorded from a clean tree. A run made
    with uncommitted changes cannot be re-created from its commit: commit, run again, reproduce
-   that run. A tracking server that does not answer is asked LOOKUP_ATTEMPTS times, then the
-   command stops with that said. Each of these is an error before anything changes.
+   that run. A tracking server that does not answer is asked a bounded number of times
+   (flows/mlflow_store.py), then the command stops with that said. Each of these is an error
+   before anything changes.
 2. `git worktree add --detach <workdir> <commit>`: a separate checkout of the recorded commit;
    the project and its outputs are untouched. Its params.yaml, hashed by the worktree's own code,
    must give the recorded params hash (it does not when a run used params that were never
@@ -44,7 +45,6 @@ Exit status: 0 every figure within tolerance; 1 some figure is not (or a variant
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -58,6 +58,7 @@ from pathlib import Path
 
 import yaml
 
+from flows.mlflow_store import open_store, store_errors
 from lowbit.config import load_params
 from lowbit.errors import LowbitError
 from lowbit.io import read_json, write_json
@@ -66,12 +67,7 @@ from tasks.plumbing import EXCLUDE_ENV
 # Quality figures compared; the classification ones at least, the causal-LM ones where a run has them.
 QUALITY_METRICS = ("accuracy", "f1_macro", "loss", "ece", "token_accuracy", "perplexity")
 DEFAULT_TOLERANCE = 1e-6
-# A tracking server that does not answer: this many tries, waiting 1, 2, 4 s between them, each
-# request given REQUEST_TIMEOUT_S (so at most about a minute), then a clear error.
-LOOKUP_ATTEMPTS = 4
-LOOKUP_DELAY_S = 1.0
-REQUEST_TIMEOUT_S = 10
-# MLflow's errors that are answers, not failures to answer: retrying cannot change them.
+# MLflow's answers to a run id its store does not hold (a well-formed one, a malformed one).
 NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 REPORT_FILE = Path("reports") / "reproduction.json"
 
@@ -91,63 +87,21 @@ class RecordedRun:
 
 # --- 1. the recorded run ---------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def bounded_http():
-    """MLflow's own HTTP retries (7, with backoff, 120 s timeouts: about 4 minutes) off for the lookup:
-    find_run's loop is the one bound, and the error it raises says how long it waited."""
-    settings = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_S)}
-    before = {key: os.environ.get(key) for key in settings}
-    os.environ.update(settings)
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def check_store_exists(uri: str) -> None:
-    """A SQLite store that is not there: MLflow would create an empty one and then find no run."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not Path(uri.removeprefix(prefix)).is_file():
-        raise LowbitError(f"no MLflow store at {uri.removeprefix(prefix)} (tracking.uri, or MLFLOW_TRACKING_URI): "
-                          "run `lowbit run` first, or point MLFLOW_TRACKING_URI at the store that holds the run")
-
-
-def find_run(uri: str, run_id: str, attempts: int | None = None, delay: float | None = None) -> RecordedRun:
-    """The run and its nested variant runs; bounded retries while the store does not answer."""
-    from mlflow import MlflowClient
+def find_run(uri: str, run_id: str) -> RecordedRun:
+    """The run and its nested variant runs."""
     from mlflow.exceptions import MlflowException
 
-    attempts, delay = attempts or LOOKUP_ATTEMPTS, LOOKUP_DELAY_S if delay is None else delay
-    check_store_exists(uri)
-    client = MlflowClient(tracking_uri=uri)
-    last: Exception | None = None
-    with bounded_http():
-        for attempt in range(attempts):
-            if attempt:
-                time.sleep(delay * 2 ** (attempt - 1))
-            try:
-                run = client.get_run(run_id)
-                children = client.search_runs([run.info.experiment_id],
-                                              filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'", max_results=5000)
-                break
-            except MlflowException as err:
-                if err.error_code in NOT_FOUND:
-                    raise LowbitError(f"no MLflow run {run_id!r} in {uri} (`lowbit run` prints the id of each run; "
-                                      "MLFLOW_TRACKING_URI or tracking.uri chooses the store)") from None
-                last = err
-            except OSError as err:
-                last = err
-        else:
-            waited = sum(delay * 2 ** i for i in range(attempts - 1))
-            raise LowbitError(
-                f"the MLflow tracking store at {uri} did not answer: {attempts} tries over {waited:.0f} s "
-                f"(requests time out after {REQUEST_TIMEOUT_S} s); last error: {str(last)[:300]}. "
-                "Check that the server is up, or point MLFLOW_TRACKING_URI at the one that holds the run"
-            )
+    client = open_store(uri)
+    with store_errors(uri):
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as err:
+            if err.error_code not in NOT_FOUND:
+                raise
+            raise LowbitError(f"no MLflow run {run_id!r} in {uri} (`lowbit run` prints the id of each run; "
+                              "tracking.uri in params.yaml or MLFLOW_TRACKING_URI chooses the store)") from None
+        children = client.search_runs([run.info.experiment_id],
+                                      filter_string=f"tags.`mlflow.parentRunId` = '{run_id}'", max_results=5000)
     variants = {child.data.tags["lowbit.variant"]: dict(child.data.metrics)
                 for child in children if "lowbit.variant" in child.data.tags}
     return RecordedRun(run_id, uri, run.info.status, dict(run.data.tags), variants)
@@ -341,9 +295,8 @@ def repro(project: Path, env: dict[str, str], force: bool) -> None:
 
 
 def reproduced_metrics(project: Path, variants) -> dict[str, dict[str, float] | None]:
-    metrics = project / "metrics"
-    return {name: read_json(metrics / f"{name}.json")["metrics"] if (metrics / f"{name}.json").is_file() else None
-            for name in variants}
+    files = {name: project / "metrics" / f"{name}.json" for name in variants}
+    return {name: read_json(path)["metrics"] if path.is_file() else None for name, path in files.items()}
 
 
 def compare(original: dict[str, dict[str, float]], reproduced: dict[str, dict[str, float] | None],
@@ -372,6 +325,10 @@ def number(value) -> str:
     return "–" if value is None else f"{value:.8g}"
 
 
+def largest_difference(rows: list[dict]) -> float:
+    return max((row["difference"] for row in rows if row["difference"] is not None), default=0.0)
+
+
 def format_report(run: RecordedRun, comparison: dict) -> str:
     rows, data = comparison["rows"], comparison["data_hash"]
     lines = [
@@ -391,10 +348,9 @@ def format_report(run: RecordedRun, comparison: dict) -> str:
         lines.append(f"\nprepared data hash: {data['original'][:12]} recorded, {str(data['reproduced'])[:12]} reproduced: "
                      + ("same" if data["ok"] else "DIFFERENT"))
     bad = [row for row in rows if not row["ok"]]
-    worst = max((row["difference"] for row in rows if row["difference"] is not None), default=0.0)
     if comparison["ok"]:
         lines.append(f"Reproduced: all {len(rows)} figures within {comparison['tolerance']:g} "
-                     f"(largest difference {worst:.3g}).")
+                     f"(largest difference {largest_difference(rows):.3g}).")
     else:
         named = ", ".join(f"{row['variant']} {row['metric']}" for row in bad[:8]) + (" ..." if len(bad) > 8 else "")
         lines.append(f"NOT reproduced: {len(bad)} of {len(rows)} figures outside the tolerance or missing ({named})"
@@ -405,17 +361,13 @@ def format_report(run: RecordedRun, comparison: dict) -> str:
 
 def tag_outcome(run: RecordedRun, comparison: dict) -> str | None:
     """Record the outcome on the original run; a store gone away since is reported, not fatal."""
-    from mlflow import MlflowClient
-
-    worst = max((row["difference"] for row in comparison["rows"] if row["difference"] is not None), default=0.0)
-    detail = (f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}: {sum(r['ok'] for r in comparison['rows'])} of "
-              f"{len(comparison['rows'])} figures within {comparison['tolerance']:g}, largest difference {worst:.3g}, "
-              f"in {comparison['workdir']}")
+    rows = comparison["rows"]
+    detail = (f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}: {sum(r['ok'] for r in rows)} of {len(rows)} figures within "
+              f"{comparison['tolerance']:g}, largest difference {largest_difference(rows):.3g}, in {comparison['workdir']}")
     try:
-        with bounded_http():
-            client = MlflowClient(tracking_uri=run.uri)
-            client.set_tag(run.run_id, "lowbit.reproduced", "ok" if comparison["ok"] else "mismatch")
-            client.set_tag(run.run_id, "lowbit.reproduced_detail", detail)
+        client = open_store(run.uri)
+        client.set_tag(run.run_id, "lowbit.reproduced", "ok" if comparison["ok"] else "mismatch")
+        client.set_tag(run.run_id, "lowbit.reproduced_detail", detail)
     except Exception as err:  # noqa: BLE001 - the comparison stands whatever the store does now
         return f"(the outcome was not tagged on the run: {str(err)[:200]})"
     return None

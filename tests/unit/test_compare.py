@@ -7,6 +7,7 @@ import shutil
 import socket
 import time
 from datetime import datetime, timezone
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -17,9 +18,9 @@ from mlflow.entities import Param
 
 from flows.cli import main
 from flows.compare import (
-    HTTP_LIMITS, PipelineRun, Selection, VariantRun, build_frame, differing_params, fetch_runs, parse_date,
-    refuse_incomparable,
+    PipelineRun, Selection, VariantRun, build_frame, differing_params, fetch_runs, parse_date, refuse_incomparable,
 )
+from flows.mlflow_store import HTTP_LIMITS
 from flows.tracking import Tracker, flatten
 from lowbit.config import Params, parse_override, read_yaml_mapping, set_dotted
 from lowbit.errors import LowbitError
@@ -127,6 +128,10 @@ def store(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def no_env_uri(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for key in HTTP_LIMITS:
+        monkeypatch.delenv(key, raising=False)
+    with mock.patch.dict(os.environ):  # the HTTP limits a command sets for its process end with the test
+        yield
 
 
 def compare(store, *args, out=None):
@@ -335,8 +340,8 @@ def test_a_server_that_does_not_answer_fails_fast_naming_the_uri(store, monkeypa
     err = capsys.readouterr().err
     assert f"the MLflow tracking server at {uri} did not answer (" in err and "Connection refused; 3 tries" in err
     assert "tracking.uri in params.yaml or MLFLOW_TRACKING_URI" in err
-    assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "0"
-    assert not any(key in os.environ for key in HTTP_LIMITS if key != "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR")
+    # the defaults filled in what the user did not set, and stay for the process
+    assert {key: os.environ[key] for key in HTTP_LIMITS} == {**HTTP_LIMITS, "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}
 
 
 def test_parse_date_is_utc_and_until_a_date_means_its_end():

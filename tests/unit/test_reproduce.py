@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import http.server
 import importlib.util
+import os
 import shutil
 import subprocess
 import threading
+from unittest import mock
 
 import pytest
 
-from flows import reproduce as reproduce_module
 from flows.cli import main
+from flows.mlflow_store import HTTP_LIMITS
 from flows.reproduce import RecordedRun, compare, format_report
 from flows.tracking import Tracker
 from lowbit.config import load_params
@@ -27,7 +29,8 @@ FP32 = {"accuracy": 0.75, "f1_macro": 0.7, "loss": 0.61, "ece": 0.05, "weight_by
 @pytest.fixture
 def project(tmp_path, monkeypatch):
     """A committed git repository with lowbit's code and params.yaml (tracking: its own mlflow.db)."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for key in ("MLFLOW_TRACKING_URI", *HTTP_LIMITS):
+        monkeypatch.delenv(key, raising=False)
     root = tmp_path / "project"
     root.mkdir()
     shutil.copy2(REPO / "params.yaml", root / "params.yaml")
@@ -38,7 +41,8 @@ def project(tmp_path, monkeypatch):
     git(root, "config", "user.name", "lowbit ci")
     git(root, "add", "-A")
     git(root, "commit", "-qm", "project")
-    return root
+    with mock.patch.dict(os.environ):  # the HTTP limits a command sets for its process end with the test
+        yield root
 
 
 def record_run(root, overrides=(), variants={"fp32": FP32}, status="FINISHED") -> str:
@@ -141,26 +145,30 @@ def test_a_tracking_server_that_does_not_answer_is_asked_a_bounded_number_of_tim
             self.send_response(503)
             self.end_headers()
 
+        do_POST = do_GET  # noqa: N815 - unavailable for every method
+
         def log_message(self, *args):
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.server_port}")
-    monkeypatch.setattr(reproduce_module, "LOOKUP_DELAY_S", 0.01)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")  # set by the user: kept (and keeps this test fast)
     try:
         assert reproduce(project, "0123456789abcdef0123456789abcdef") == 2
     finally:
         server.shutdown()
     err = capsys.readouterr().err
-    assert f"the MLflow tracking store at http://127.0.0.1:{server.server_port} did not answer: 4 tries" in err
-    assert "Check that the server is up" in err
-    assert len(requests) == reproduce_module.LOOKUP_ATTEMPTS == 4  # ours only: MLflow's own retries are off
+    tries = int(HTTP_LIMITS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) + 1
+    assert (f"the MLflow tracking server at http://127.0.0.1:{server.server_port} did not answer "
+            f"(too many 503 error responses; {tries} tries of up to 30 s)") in err
+    assert "Start it, or point lowbit at another store with tracking.uri in params.yaml or MLFLOW_TRACKING_URI" in err
+    assert len(requests) == tries == 3
     assert nothing_changed(project)
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens: refused at once
     assert reproduce(project, "0123456789abcdef0123456789abcdef") == 2
-    assert "did not answer: 4 tries" in capsys.readouterr().err
+    assert "did not answer ([Errno 111] Connection refused; 3 tries of up to 30 s)" in capsys.readouterr().err
 
 
 def test_the_comparison_catches_a_changed_figure_and_a_missing_variant():
