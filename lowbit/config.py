@@ -345,6 +345,9 @@ def write_overrides(path: str | Path, overrides: list[str] | tuple[str, ...]) ->
     load_params(path, overrides)  # raises before anything is written
     rt = YAML()
     rt.preserve_quotes = True
+    rt.width = 4096  # keep each key on its line: ruamel wraps long flow lists at 80 columns
+    # write `null` as null: ruamel leaves the value empty, which reads the same but hides the default
+    rt.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
     doc = rt.load(path.read_text())
     changes = []
     for item in overrides:
