@@ -40,14 +40,14 @@ def check_alias(alias: str) -> str:
 
 def connect(uri: str) -> MlflowClient:
     """A client for `uri` whose store answered (bounded waits), or an error naming what to set."""
-    # Global too: registering a logged model (`models:/m-...`) resolves it through MLflow's global
-    # tracking URI, whatever the client says; one lowbit process talks to one store.
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     try:
-        return open_store(uri)
+        open_store(uri)
     except LowbitError as err:
         raise LowbitError(f"{err}; nothing was registered") from None
+    # Global too, once it answered: registering a logged model (`models:/m-...`) resolves it
+    # through MLflow's global tracking URI, whatever the client says.
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def not_found(err: MlflowException) -> bool:

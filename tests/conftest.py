@@ -102,3 +102,14 @@ def sst2_dir():
     if not (SST2 / "train.tsv").is_file():
         pytest.skip(f"SST-2 data not found at {SST2} (../shared/data/sst2 beside the repo)")
     return SST2
+
+
+@pytest.fixture(autouse=True)
+def mlflow_global_uri_restored():
+    """Operations set MLflow's process-wide tracking URI (registration resolves logged models
+    through it); one test's store must not become the next test's."""
+    yield
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
