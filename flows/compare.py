@@ -31,9 +31,9 @@ import string
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
-from flows.mlflow_store import open_store, store_errors
+from flows.mlflow_store import VariantRun, all_runs, open_store, store_errors, variant_runs
 from lowbit.errors import LowbitError
 
 if TYPE_CHECKING:
@@ -52,14 +52,6 @@ MIB = 1024 * 1024
 METRICS = ("accuracy", "accuracy_ci_low", "accuracy_ci_high", "accuracy_delta", "accuracy_delta_significant",
            "f1_macro", "ece", "weight_bytes", "disk_bytes", "bits_per_param", "latency_ms_p50",
            "throughput_samples_s", "peak_rss_bytes")
-
-
-@dataclass(frozen=True)
-class VariantRun:
-    run_id: str
-    variant: str
-    metrics: dict[str, float]
-    tags: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -301,28 +293,10 @@ def resolve_run(client: MlflowClient, experiment, ident: str):
     return run
 
 
-def all_runs(client: MlflowClient, experiment_id: str, filter_string: str, order: str, page_size: int) -> Iterator:
-    """The matching runs by start time (`order` ASC or DESC), fetching a page of `page_size` when needed."""
-    token = None
-    while True:
-        page = client.search_runs([experiment_id], filter_string, max_results=page_size,
-                                  order_by=[f"attributes.start_time {order}"], page_token=token)
-        yield from page
-        token = page.token
-        if not token:
-            return
-
-
 def pipeline_run(client: MlflowClient, run) -> PipelineRun:
-    children = all_runs(client, run.info.experiment_id, f"tags.`mlflow.parentRunId` = '{run.info.run_id}'", "ASC",
-                        page_size=1000)
-    variants: dict[str, VariantRun] = {}
-    for child in children:  # logged in report order; a variant logged twice keeps its last run
-        name = child.data.tags.get("lowbit.variant") or child.info.run_name
-        variants[name] = VariantRun(child.info.run_id, name, dict(child.data.metrics), dict(child.data.tags))
     experiment = client.get_experiment(run.info.experiment_id).name
     return PipelineRun(run.info.run_id, experiment, run.info.start_time, run.info.status, dict(run.data.params),
-                       dict(run.data.tags), list(variants.values()))
+                       dict(run.data.tags), variant_runs(client, run))
 
 
 # ---------------------------------------------------------------- the table (plain data, no MLflow)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -108,3 +109,36 @@ def no_answer_reason(message: str) -> str:
         return message.splitlines()[0][:200]
     reasons = {"ReadTimeoutError": "no reply in time", "ConnectTimeoutError": "no connection in time"}
     return reasons.get(cause.group(1), cause.group(2) or cause.group(1))  # ResponseError('too many 503 error responses')
+
+
+@dataclass(frozen=True)
+class VariantRun:
+    """One variant's nested run, as flows/tracking.py logs it under its pipeline run."""
+
+    run_id: str
+    variant: str
+    metrics: dict[str, float]
+    tags: dict[str, str]
+
+
+def all_runs(client: MlflowClient, experiment_id: str, filter_string: str, order: str, page_size: int) -> Iterator:
+    """The matching runs by start time (`order` ASC or DESC), fetching a page of `page_size` when needed."""
+    token = None
+    while True:
+        page = client.search_runs([experiment_id], filter_string, max_results=page_size,
+                                  order_by=[f"attributes.start_time {order}"], page_token=token)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def variant_runs(client: MlflowClient, run) -> list[VariantRun]:
+    """The variant runs nested under pipeline run `run`, in logging (report) order."""
+    children = all_runs(client, run.info.experiment_id, f"tags.`mlflow.parentRunId` = '{run.info.run_id}'", "ASC",
+                        page_size=1000)
+    variants: dict[str, VariantRun] = {}
+    for child in children:  # a variant logged twice keeps its last run
+        name = child.data.tags.get("lowbit.variant") or child.info.run_name
+        variants[name] = VariantRun(child.info.run_id, name, dict(child.data.metrics), dict(child.data.tags))
+    return list(variants.values())

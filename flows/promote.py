@@ -37,6 +37,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import MetricThreshold
 from mlflow.models.evaluation import EvaluationResult
 
+from flows.mlflow_store import VariantRun, variant_runs
 from flows.registry import Registry
 from lowbit.config import PROMOTION_OBJECTIVES, Params, PromoteParams
 from lowbit.errors import LowbitError
@@ -55,19 +56,11 @@ QUALITY_METRICS = ("accuracy", "f1_macro")  # what re-scoring on another split r
 PROMOTION_LIMIT_WAIT_S = 1800
 
 
-@dataclass(frozen=True)
-class Candidate:
-    variant: str
-    run_id: str
-    metrics: dict[str, float]
-    tags: dict[str, str]
-
-
 @dataclass
 class Decision:
     promoted: bool
     reason: str
-    challenger: Candidate | None = None
+    challenger: VariantRun | None = None
     version: str | None = None
     champion_version: str | None = None
     skipped: list[str] = field(default_factory=list)
@@ -88,7 +81,7 @@ class Decision:
 # --- the policy (pure) -------------------------------------------------------------------------
 
 
-def ineligibility(candidate: Candidate, policy: PromoteParams) -> str | None:
+def ineligibility(candidate: VariantRun, policy: PromoteParams) -> str | None:
     """Why a variant cannot be promoted under the policy, or None."""
     m = candidate.metrics
     for needed in (policy.objective, "accuracy", "accuracy_delta"):
@@ -103,7 +96,7 @@ def ineligibility(candidate: Candidate, policy: PromoteParams) -> str | None:
     return None
 
 
-def pick_challenger(candidates: list[Candidate], policy: PromoteParams) -> tuple[Candidate | None, list[str]]:
+def pick_challenger(candidates: list[VariantRun], policy: PromoteParams) -> tuple[VariantRun | None, list[str]]:
     """The eligible variant with the best objective (ties: higher accuracy, then name) and why others were skipped."""
     skipped, eligible = [], []
     for candidate in candidates:
@@ -152,13 +145,12 @@ def pipeline_run(client: MlflowClient, experiment: str, run_id: str | None) -> R
     return runs[0]
 
 
-def candidates_of(client: MlflowClient, run: Run) -> list[Candidate]:
-    children = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
-    return [Candidate(c.data.tags["lowbit.variant"], c.info.run_id, dict(c.data.metrics), dict(c.data.tags))
-            for c in children if "lowbit.variant" in c.data.tags]
+def candidates_of(client: MlflowClient, run: Run) -> list[VariantRun]:
+    """The run's variants that carry lineage (every variant run lowbit logs is tagged lowbit.variant)."""
+    return [v for v in variant_runs(client, run) if "lowbit.variant" in v.tags]
 
 
-def version_tags(run: Run, candidate: Candidate) -> dict[str, str]:
+def version_tags(run: Run, candidate: VariantRun) -> dict[str, str]:
     tags = {key: run.data.tags.get(key, "") for key in LINEAGE_TAGS}
     tags |= {key: candidate.tags.get(key, "") for key in VARIANT_TAGS}
     tags |= {f"lowbit.metric.{name}": f"{candidate.metrics[name]:.6g}" for name in KEY_METRICS if name in candidate.metrics}
@@ -238,7 +230,7 @@ def promote(paths: Paths, params: Params, run_id: str | None = None) -> Decision
     return decision
 
 
-def register_challenger(registry: Registry, run: Run, challenger: Candidate, paths: Paths, params: Params) -> str:
+def register_challenger(registry: Registry, run: Run, challenger: VariantRun, paths: Paths, params: Params) -> str:
     """The challenger's model version: an existing one holding the same files (a retrain that
     changed nothing), else its files logged as a pyfunc and registered with their lineage."""
     from flows.model_artifacts import log_variant_model
@@ -258,7 +250,7 @@ def register_challenger(registry: Registry, run: Run, challenger: Candidate, pat
     return str(version.version)  # MLflow 3 gives an int here, a str elsewhere
 
 
-def decide(registry: Registry, champion, challenger: Candidate, version: str, digest: str, paths: Paths,
+def decide(registry: Registry, champion, challenger: VariantRun, version: str, digest: str, paths: Paths,
            policy: PromoteParams) -> Decision:
     if champion is None:
         return Decision(True, "no champion yet", challenger, version)

@@ -18,9 +18,9 @@ from mlflow.entities import Param
 
 from flows.cli import main
 from flows.compare import (
-    PipelineRun, Selection, VariantRun, build_frame, differing_params, fetch_runs, parse_date, refuse_incomparable,
+    PipelineRun, Selection, build_frame, differing_params, fetch_runs, parse_date, refuse_incomparable,
 )
-from flows.mlflow_store import HTTP_LIMITS
+from flows.mlflow_store import HTTP_LIMITS, VariantRun
 from flows.tracking import Tracker, flatten
 from lowbit.config import Params, parse_override, read_yaml_mapping, set_dotted
 from lowbit.errors import LowbitError

@@ -4,7 +4,8 @@ import time
 
 import pytest
 
-from flows.promote import Candidate, gate, pick_challenger
+from flows.mlflow_store import VariantRun
+from flows.promote import gate, pick_challenger
 from flows.registry import check_alias, connect
 from flows.retrain import check_cron
 from lowbit.config import load_params, write_overrides
@@ -19,7 +20,7 @@ def policy(**changes):
 def candidate(variant, accuracy, delta, weight_bytes, latency=5.0, throughput=100.0):
     metrics = {"accuracy": accuracy, "accuracy_delta": delta, "weight_bytes": weight_bytes, "f1_macro": accuracy,
                "latency_ms_p50": latency, "throughput_samples_s": throughput}
-    return Candidate(variant, f"run-{variant}", metrics, {})
+    return VariantRun(run_id=f"run-{variant}", variant=variant, metrics=metrics, tags={})
 
 
 RUN = [
@@ -44,7 +45,7 @@ def test_the_challenger_is_the_best_eligible_variant_by_the_objective():
 
 
 def test_a_variant_without_the_objective_is_skipped_with_the_reason():
-    partial = Candidate("lora", "r", {"accuracy": 0.9, "accuracy_delta": 0.0}, {})
+    partial = VariantRun(run_id="r", variant="lora", metrics={"accuracy": 0.9, "accuracy_delta": 0.0}, tags={})
     best, skipped = pick_challenger([partial], policy(objective="latency_ms_p50"))
     assert best is None and skipped == ["lora: no latency_ms_p50 recorded"]
 
