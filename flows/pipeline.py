@@ -27,7 +27,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.runtime import deployment, flow_run
 
 from flows.dvc_stages import push_outputs, run_stage, run_stage_uncommitted
-from flows.tracking import Tracker, dvc_output_of
+from flows.tracking import Tracker, dvc_lock_outputs, dvc_output_of
 from lowbit.calibration import check_calibration_data
 from lowbit.config import load_params
 from lowbit.errors import LowbitError, StagesFailed
@@ -71,7 +71,8 @@ def pipeline(root: str = ".", force: bool = False, overrides: tuple[str, ...] = 
     try:
         outcomes = {"prepare": stage_task(paths.root, "prepare", force or refresh_data)}  # nothing can run without it
         tracker.tag("lowbit.data_hash", outcomes["prepare"]["result"]["data_hash"])
-        tracker.tag("lowbit.test_digest", test_digest(paths))
+        digest = test_digest(paths)
+        tracker.tag("lowbit.test_digest", digest)
         check_calibration_possible(paths, params.evaluate.calibration)  # before hours of training, not after
         failures: dict[str, str] = {}
         baseline = stage_task.submit(paths.root, "baseline", force)
@@ -88,7 +89,7 @@ def pipeline(root: str = ".", force: bool = False, overrides: tuple[str, ...] = 
         for stage in ("evaluate", "report"):
             outcomes[stage] = (partial_stage_task(paths.root, stage, failures) if failures
                                else stage_task(paths.root, stage, force))
-        track_results(tracker, paths, outcomes)
+        track_results(tracker, paths, outcomes, digest)
         if failures:
             tracker.tag("lowbit.failed_stages", ",".join(failures))
             raise StagesFailed(failures, (paths.reports / "summary.md").read_text())
@@ -129,19 +130,19 @@ def collect(futures: dict, outcomes: dict, failures: dict[str, str]) -> None:
             outcomes[name] = result
 
 
-def track_results(tracker: Tracker, paths: Paths, outcomes: dict) -> None:
+def track_results(tracker: Tracker, paths: Paths, outcomes: dict, digest: str) -> None:
     """Stage figures on the parent run, one nested run per variant, report artifacts."""
     for stage, outcome in outcomes.items():
         tracker.log_stage(stage, outcome["result"], outcome["ran"])
     rows = {row["variant"]: row["metrics"] for row in read_json(paths.reports / "summary.json")["rows"]}
-    digest = test_digest(paths)
+    dvc_outputs = dvc_lock_outputs(paths.root)
     for variant, metrics in rows.items():
         record = read_json(paths.metrics / f"{variant}.json")
         stage = record["stage"]
         reused = not (outcomes.get(stage, {}).get("ran") or outcomes["evaluate"]["ran"])
         card = paths.root / record["model_dir"] / "lowbit_variant.json"
         calibrator = paths.metrics / "calibrators" / f"{variant}.json"
-        dvc_out, dvc_md5 = dvc_output_of(paths.root, record["model_dir"])
+        dvc_out, dvc_md5 = dvc_output_of(dvc_outputs, record["model_dir"])
         lineage = {"lowbit.model_dir": record["model_dir"], "lowbit.model_sha256": sha256_tree(card.parent),
                    "lowbit.dvc_out": dvc_out, "lowbit.dvc_out_md5": dvc_md5, "lowbit.test_digest": digest}
         tracker.log_variant(record, metrics, stage, reused, [paths.metrics / f"{variant}.json", card, calibrator], lineage)

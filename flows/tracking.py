@@ -50,16 +50,19 @@ def git_state(root: Path) -> tuple[str, bool]:
         return "unknown", True
 
 
-def dvc_output_of(root: Path, model_dir: str) -> tuple[str, str]:
+def dvc_lock_outputs(root: Path) -> dict[str, str]:
+    """Every output path in dvc.lock with its md5; empty without dvc.lock."""
+    lock = root / "dvc.lock"
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.is_file() else {}
+    return {out["path"].rstrip("/"): out.get("md5", "") for stage in stages.values() for out in stage.get("outs", [])}
+
+
+def dvc_output_of(outputs: dict[str, str], model_dir: str) -> tuple[str, str]:
     """(path, md5) of the dvc.lock output that holds `model_dir` (e.g. models/ptq for
     models/ptq/ptq_int8_dynamic); ("", "") when dvc.lock does not list it (a partial run)."""
-    lock = root / "dvc.lock"
-    if not lock.is_file():
-        return "", ""
-    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
-        for out in stage.get("outs", []):
-            if model_dir == out["path"] or model_dir.startswith(out["path"].rstrip("/") + "/"):
-                return out["path"], out.get("md5", "")
+    for path, md5 in outputs.items():
+        if model_dir == path or model_dir.startswith(path + "/"):
+            return path, md5
     return "", ""
 
 
