@@ -1,6 +1,7 @@
 # lowbit — the two commands a newcomer needs:
 #   make run    install everything into .venv, then run the whole pipeline on the offline defaults
 #   make test   install everything into .venv, then run the default (fast) test suite
+# CI also runs `make test-integration`: real PostgreSQL, S3 (moto), mlflow and prefect servers, started by the tests.
 # GPU machines: `make install TORCH_INDEX=https://download.pytorch.org/whl/cu128` (see README).
 
 PYTHON ?= python3
@@ -10,7 +11,7 @@ BIN    := $(VENV)/bin
 TORCH_INDEX ?=
 PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 
-.PHONY: install run test test-slow bench clean-outputs
+.PHONY: install run test test-slow test-integration bench clean-outputs
 
 install: $(VENV)/.installed
 
@@ -26,14 +27,20 @@ run: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/lowbit run
 
 test: install
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not slow" -q
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not slow and not servers" -q
+
+# tests/servers: the servers are started (and stopped) by the tests; versions and start times are printed.
+test-integration: install
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m servers -q
 
 test-slow: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m slow -q
 
 bench: install
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/quant.py
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python bench/peft.py
+# As modules (python -m): a script path would put bench/ itself on sys.path, and `bench.common` would not import.
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.quant --out bench/results/quant.json
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.peft --out bench/results/peft.json
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.runners --out bench/results/runners.json
 
 # Removes pipeline outputs from the work tree (the DVC cache keeps every version).
 clean-outputs:

@@ -1,6 +1,6 @@
 """PEFT benchmark on SST-2: full fine-tune vs LoRA vs QLoRA, 3 seeds, JSON out.
 
-Run: python bench/peft.py [--seeds 0 1 2] [--out bench/results/peft.json]   (about 7 minutes a seed here)
+Run: python -m bench.peft [--seeds 0 1 2] [--out bench/results/peft.json]   (about 7 minutes a seed here)
 
 Per method: accuracy mean±std, training wall time, trainable parameter share, and
 training memory three ways (each stage in its own process):

@@ -1,6 +1,6 @@
 """Quantization benchmark on SST-2: every PTQ variant and QAT against FP32, 3 seeds, JSON out.
 
-Run: python bench/quant.py [--seeds 0 1 2] [--out bench/results/quant.json] [--reuse]   (about 14 minutes a seed
+Run: python -m bench.quant [--seeds 0 1 2] [--out bench/results/quant.json] [--reuse]   (about 14 minutes a seed
 here; --reuse reruns only evaluate on the models a previous run left, about 2.5 minutes a seed)
 
 Per variant: accuracy mean±std over seeds, weight_bytes, bits_per_param,

@@ -1,6 +1,7 @@
 """`lowbit` command line.
 
     lowbit run [-P baseline.epochs=2 ...] [--force]   run the Prefect flow (stages DVC says changed)
+          [--runner threads|dask] [--parallel N] [--dask-address tcp://HOST:8786]
     lowbit stage prepare                              run one stage in this process
     lowbit sensitivity                                quantize one layer at a time, write reports/sensitivity.*
     lowbit check                                      validate params.yaml and exit
@@ -51,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("-P", "--param", action="append", default=[], metavar="KEY=VALUE",
                      help="set a param in params.yaml before running (recorded in MLflow), e.g. -P baseline.epochs=2")
     run.add_argument("--force", action="store_true", help="rerun every stage even if DVC says it is up to date")
-    run.add_argument("--parallel", type=int, default=1, metavar="N",
-                     help="independent stages run at once (default 1: clean timings on small machines)")
+    add_runner_arguments(run)
     stage = sub.add_parser("stage", help="run one stage in this process (what dvc.yaml's cmd does)")
     stage.add_argument("name", choices=STAGES)
     sub.add_parser("sensitivity", help="per-layer int8 sensitivity of models/baseline on the validation split")
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     add_compare_arguments(sub.add_parser("compare", help="compare pipeline runs and their variants from MLflow"))
     add_reproduce_arguments(sub.add_parser("reproduce", help="re-create a past run in a git worktree and compare its figures"))
     retrain = sub.add_parser("retrain", help="re-read the data, run the pipeline, promote (what the schedule runs)")
-    retrain.add_argument("--parallel", type=int, default=1, metavar="N", help="independent stages run at once (as for run)")
+    add_runner_arguments(retrain)
     promote = sub.add_parser("promote", help="promote the best variant of a pipeline run under params.yaml `promote`")
     promote.add_argument("--run", metavar="RUN_ID", help="pipeline run to promote from (default: the latest finished)")
     rollback = sub.add_parser("rollback", help="move @champion back to @previous (or to --to VERSION)")
@@ -85,19 +85,35 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def add_runner_arguments(parser: argparse.ArgumentParser) -> None:
+    """Command-line values override params.yaml `runner`."""
+    parser.add_argument("--runner", choices=("threads", "dask"),
+                        help="where independent stages run: threads of this process or Dask worker processes")
+    parser.add_argument("--parallel", type=int, metavar="N",
+                        help="stages at once (threads: default 1, clean timings; dask local cluster: default 4 workers)")
+    parser.add_argument("--dask-address", metavar="ADDRESS",
+                        help="a running Dask scheduler, e.g. tcp://dask-scheduler:8786 (implies --runner dask)")
+
+
+def runner_choice(args: argparse.Namespace, params):
+    from flows.runners import RunnerChoice
+
+    return RunnerChoice.from_params(params.runner, args.runner, args.parallel, args.dask_address)
+
+
 def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
     started = time.perf_counter()
     if args.param:
         for key, old, new in write_overrides(paths.params, args.param):
             print(f"params.yaml: {key}: {old!r} -> {new!r}")
-    else:
-        load_params(paths.params)  # fail on bad params before starting Prefect
+    params = load_params(paths.params)  # fail on bad params before starting Prefect
     quiet_libraries()
-    check_parallel(args.parallel)
+    runner = runner_choice(args, params)
     prepare_prefect_environment()
-    from flows.pipeline import pipeline_with_parallelism  # Prefect import is slow: only for `run`
+    from flows.pipeline import pipeline_on  # Prefect import is slow: only for `run`
 
-    flow = pipeline_with_parallelism(args.parallel)
+    flow = pipeline_on(runner)
+    print(f"stages run on {runner.describe()}")
     with explained_prefect_startup():
         outcome = flow(root=str(paths.root), force=args.force, overrides=tuple(args.param))
     print()
@@ -106,11 +122,6 @@ def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
     print(f"stages run: {ran}; {time.perf_counter() - started:.1f} s in all")
     print(f"MLflow run {outcome['mlflow_run_id']} in {outcome['tracking_uri']}")
     return 0
-
-
-def check_parallel(parallel: int) -> None:
-    if parallel < 1:
-        raise LowbitError(f"--parallel {parallel}: must be 1 or more")
 
 
 def prepare_prefect_environment() -> None:
@@ -136,14 +147,14 @@ def explained_prefect_startup():
 
 def cmd_retrain(args: argparse.Namespace, paths: Paths) -> int:
     started = time.perf_counter()
-    load_params(paths.params)
-    check_parallel(args.parallel)
+    runner = runner_choice(args, load_params(paths.params))
     quiet_libraries()
     prepare_prefect_environment()
     from flows.retrain import retrain
 
     with explained_prefect_startup():
-        outcome = retrain(root=str(paths.root), parallel=args.parallel)
+        outcome = retrain(root=str(paths.root), runner=runner.kind, parallel=runner.parallel or None,
+                          dask_address=runner.dask_address)
     ran = ", ".join(outcome["ran"]) or "nothing (all stages up to date)"
     print(f"stages run: {ran}; {time.perf_counter() - started:.1f} s in all")
     print(outcome["promotion"]["line"])

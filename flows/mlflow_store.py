@@ -59,12 +59,17 @@ def open_store(uri: str) -> MlflowClient:
     if uri.startswith(SQLITE) and not Path(uri.removeprefix(SQLITE)).is_file():
         raise LowbitError(f"no MLflow store at {uri.removeprefix(SQLITE)} ({WHAT_TO_SET}): run `lowbit run` first, "
                           "or point one of them at the store that holds the runs")
-    for key, value in HTTP_LIMITS.items():
-        os.environ.setdefault(key, value)
+    bound_http_waits()
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     with store_errors(uri):
         client.search_experiments(max_results=1)
     return client
+
+
+def bound_http_waits() -> None:
+    """HTTP_LIMITS for this process and those it starts, unless the user set them."""
+    for key, value in HTTP_LIMITS.items():
+        os.environ.setdefault(key, value)
 
 
 @contextlib.contextmanager
@@ -83,10 +88,14 @@ def describe(err: MlflowException, uri: str) -> str:
     from mlflow.exceptions import RestException
 
     detail = err.message.split(". Response body")[0][:300]
-    if isinstance(err, RestException) or err.error_code in NOT_ALLOWED:
-        login = (" (MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN, "
-                 "give lowbit's requests an identity)") if err.error_code in NOT_ALLOWED else ""
-        return f"the MLflow server at {uri} answered with an error: {detail}{login}"
+    if err.error_code in NOT_ALLOWED:
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        who = f"user {user!r} (MLFLOW_TRACKING_USERNAME)" if user else "no user (MLFLOW_TRACKING_USERNAME is not set)"
+        return (f"the MLflow server at {uri} refused lowbit's request as {who}: {detail}. Set MLFLOW_TRACKING_USERNAME "
+                "and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to credentials it accepts, or point lowbit at "
+                f"another store with {WHAT_TO_SET}")
+    if isinstance(err, RestException):
+        return f"the MLflow server at {uri} answered with an error: {detail}"
     if not uri.startswith(("http://", "https://")):
         return f"MLflow store {uri}: {err.message}"
     if NO_ANSWER.search(err.message):

@@ -8,7 +8,8 @@ Run: lowbit run        (or: python -m flows.pipeline)
        └──────────────────> qlora ─┘
 
 Each box is a dvc.yaml stage run by `stage_task` (skipped when DVC says it is up
-to date). Independent branches run concurrently on Prefect's task runner.
+to date). Independent branches run concurrently on Prefect's task runner: threads of this
+process, or Dask worker processes (flows/runners.py).
 
 One failing branch does not hide the others: the rest finish, evaluate and report run on
 the variants that exist (outside dvc.lock, so `dvc status` still shows what is missing),
@@ -17,16 +18,18 @@ the MLflow run ends FAILED with the reasons, and the flow raises StagesFailed.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
 
 from prefect import flow, task
-from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.runtime import deployment, flow_run
 
-from flows.dvc_stages import push_outputs, run_stage, run_stage_uncommitted
+from flows.dvc_stages import push_outputs, retry_unless_refused, run_stage, run_stage_uncommitted
+from flows.runners import RunnerChoice, task_runner
 from flows.tracking import Tracker, dvc_lock_outputs, dvc_output_of
 from lowbit.calibration import check_calibration_data
 from lowbit.config import load_params
@@ -46,7 +49,8 @@ VARIANT_STAGES = ("baseline", *BASELINE_BRANCHES, *ADAPTER_BRANCHES)
 @task(name="stage", task_run_name="{stage}")
 def stage_task(root: Path, stage: str, force: bool = False) -> dict:
     # No retries: a failing stage fails for a reason (bad input, OOM) that a retry repeats.
-    return run_stage(root, stage, force)
+    # The pid says which process ran it: a Dask worker's, or the flow's own with threads.
+    return run_stage(root, stage, force) | {"pid": os.getpid()}
 
 
 @task(name="stage-on-partial-inputs", task_run_name="{stage} (partial)")
@@ -54,20 +58,25 @@ def partial_stage_task(root: Path, stage: str, failures: dict[str, str]) -> dict
     return run_stage_uncommitted(root, stage, {EXCLUDE_ENV: json.dumps(failures)})
 
 
-@task(name="dvc-push", retries=2, retry_delay_seconds=10)  # a remote (S3) can fail transiently
+# a remote (S3) can fail transiently; one that refuses the credentials is not retried
+@task(name="dvc-push", retries=2, retry_delay_seconds=10, retry_condition_fn=retry_unless_refused)
 def push_task(root: Path) -> int:
     return push_outputs(root)
 
 
 @flow(name="lowbit-pipeline")
-def pipeline(root: str = ".", force: bool = False, overrides: tuple[str, ...] = (), refresh_data: bool = False) -> dict:
+def pipeline(root: str = ".", force: bool = False, overrides: tuple[str, ...] = (), refresh_data: bool = False,
+             runner: str = RunnerChoice().describe()) -> dict:
     """`refresh_data` re-reads the source even if DVC sees no change (an hf: dataset, a database
-    export): the retraining flow's first step. Equal splits leave every later stage up to date."""
+    export): the retraining flow's first step. Equal splits leave every later stage up to date.
+    `runner` names where the branches run (recorded: concurrent stages share the cores and
+    their timings show it); `pipeline_on` sets it together with the task runner."""
     paths = Paths(Path(root).resolve())
     params = load_params(paths.params)
     tracker = Tracker(params, paths.root)
     tracker.start({"lowbit.prefect_flow_run_id": str(flow_run.id), "lowbit.overrides": " ".join(overrides),
-                   "lowbit.prefect_deployment_id": str(deployment.id or flow_run.parent_deployment_id or "")})
+                   "lowbit.prefect_deployment_id": str(deployment.id or flow_run.parent_deployment_id or ""),
+                   "lowbit.runner": runner})
     try:
         outcomes = {"prepare": stage_task(paths.root, "prepare", force or refresh_data)}  # nothing can run without it
         tracker.tag("lowbit.data_hash", outcomes["prepare"]["result"]["data_hash"])
@@ -104,6 +113,7 @@ def pipeline(root: str = ".", force: bool = False, overrides: tuple[str, ...] = 
         "mlflow_run_id": tracker.run_id,
         "tracking_uri": tracker.uri,
         "ran": [name for name, outcome in outcomes.items() if outcome["ran"]],
+        "stage_pids": {name: outcome["pid"] for name, outcome in outcomes.items() if "pid" in outcome},
         "report": (paths.reports / "summary.md").read_text(),
     }
 
@@ -153,11 +163,10 @@ def track_results(tracker: Tracker, paths: Paths, outcomes: dict, digest: str) -
     ])
 
 
-def pipeline_with_parallelism(parallel: int):
-    """The flow with `parallel` stages at a time. 1 (the default) keeps timings clean on small
-    machines: concurrent training stages share cores and distort each other's figures."""
-    return pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=parallel))
+def pipeline_on(runner: RunnerChoice):
+    """The flow with its branches on `runner` (params.yaml `runner`, or the command line's)."""
+    return functools.partial(pipeline.with_options(task_runner=task_runner(runner)), runner=runner.describe())
 
 
 if __name__ == "__main__":
-    print(pipeline_with_parallelism(1)()["report"])
+    print(pipeline_on(RunnerChoice())()["report"])

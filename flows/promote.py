@@ -208,6 +208,7 @@ def promote(paths: Paths, params: Params, run_id: str | None = None) -> Decision
     run = pipeline_run(registry.client, params.tracking.experiment, run_id)
     if run.info.status != "FINISHED":
         raise LowbitError(f"pipeline run {run.info.run_id} ended {run.info.status}: only a complete run is promoted")
+    registry.check_writable(run)  # a server that would refuse a write refuses before anything is registered
     challenger, skipped = pick_challenger(candidates_of(registry.client, run), policy)
     if challenger is None:
         decision = Decision(False, "no variant is eligible: " + "; ".join(skipped))

@@ -13,12 +13,16 @@ every move is also written as a small run in the experiment `<tracking.experimen
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
@@ -52,6 +56,27 @@ def connect(uri: str) -> MlflowClient:
 
 def not_found(err: MlflowException) -> bool:
     return err.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+
+def caller() -> str:
+    """Who the server sees: the basic-auth user lowbit's requests carry, if any."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    return f"MLflow user {user!r} (MLFLOW_TRACKING_USERNAME)" if user else "this MLflow client (MLFLOW_TRACKING_USERNAME not set)"
+
+
+@contextlib.contextmanager
+def permission_needed(uri: str, what: str, needs: str, grant: str) -> Iterator[None]:
+    """A server's PERMISSION_DENIED in the block, as an error naming the user, the resource, the
+    permission and what to change."""
+    try:
+        yield
+    except MlflowException as err:
+        if err.error_code != "PERMISSION_DENIED":
+            raise
+        raise LowbitError(
+            f"{caller()} may not change {what} on the MLflow server {uri}: promotion needs {needs}. "
+            f"An MLflow admin can grant it ({grant}), or set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+            "to a user who has it. Nothing was registered and no alias moved") from None
 
 
 @dataclass(frozen=True)
@@ -103,6 +128,43 @@ class Registry:
                 if err.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
 
+    def check_writable(self, run: Run) -> None:
+        """Refuse now, before anything is written, if the server will refuse a write promotion makes.
+
+        Promotion writes to the pipeline run's experiment (the served model is logged under the
+        variant's run, the outcome tagged on the pipeline run), to the registered model (a version,
+        the aliases) and to the alias history. On a server with permissions (MLflow basic auth)
+        the natural order would log the model, then create the version, and meet a READ-only
+        user's 403 only there or at the alias: a half-done promotion. Permission APIs belong to
+        MLflow's basic-auth app (other auth in front of MLflow has none), so instead each resource
+        is tried with a write that needs the same permission and changes nothing: the registered
+        model's own description written back, the pipeline run's lowbit.kind tag (and one of the
+        history's) set to the value it has. A model that does not exist yet is created by the
+        promotion itself, and on MLflow's basic auth any user may create one (becoming its MANAGE)."""
+        uri = self.client.tracking_uri
+
+        def grant(kind: str, name: str) -> str:
+            return f"mlflow.server.get_app_client('basic-auth', uri).grant_user_permission(user, {kind!r}, {name!r}, 'EDIT')"
+
+        with permission_needed(uri, f"registered model {self.name!r} (promote.registered_model)",
+                               "EDIT or MANAGE on it to register a version and move its aliases",
+                               grant("registered_model", self.name)):
+            if self.exists():
+                model = self.client.get_registered_model(self.name)
+                self.client.update_registered_model(self.name, model.description or "")
+        experiment = self.client.get_experiment(run.info.experiment_id).name
+        with permission_needed(uri, f"experiment {experiment!r} (tracking.experiment)",
+                               "EDIT on it to log the promoted model and tag the pipeline run",
+                               grant("experiment", run.info.experiment_id)):
+            self.client.set_tag(run.info.run_id, "lowbit.kind", run.data.tags.get("lowbit.kind", "pipeline"))
+        history = self.client.get_experiment_by_name(self.history_experiment)
+        moves = self.client.search_runs([history.experiment_id], max_results=1) if history else []
+        with permission_needed(uri, f"experiment {self.history_experiment!r} (the alias history)",
+                               "EDIT on it to record alias moves",
+                               grant("experiment", history.experiment_id if history else "")):
+            for move in moves:
+                self.client.set_tag(move.info.run_id, "lowbit.kind", move.data.tags.get("lowbit.kind", "alias_move"))
+
     def version_at(self, alias: str) -> ModelVersion | None:
         try:
             return self.client.get_model_version_by_alias(self.name, check_alias(alias))
@@ -132,7 +194,10 @@ class Registry:
 
     def register(self, model_uri: str, run_id: str, tags: dict[str, str]) -> ModelVersion:
         self.ensure()
-        return self.client.create_model_version(self.name, model_uri, run_id=run_id, tags=tags)
+        # A logged model's URI (models:/m-<id>) names the model; an MLflow server refuses such a
+        # source unless model_id says it too (a local SQLite store does not check).
+        model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+        return self.client.create_model_version(self.name, model_uri, run_id=run_id, tags=tags, model_id=model_id)
 
     def tag(self, version: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():

@@ -27,7 +27,8 @@ from prefect import flow, task
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.pipeline import pipeline_with_parallelism
+from flows.pipeline import pipeline_on
+from flows.runners import RunnerChoice
 from flows.promote import promote
 from lowbit.config import load_params
 from lowbit.errors import LowbitError
@@ -53,9 +54,12 @@ def promote_flow(root: str = ".", run_id: str | None = None) -> dict:
 
 
 @flow(name="lowbit-retrain")
-def retrain(root: str = ".", refresh_data: bool = True, parallel: int = 1) -> dict:
-    # one stage at a time by default, as `lowbit run`: concurrent training distorts each stage's figures
-    outcome = pipeline_with_parallelism(parallel)(root=root, refresh_data=refresh_data)
+def retrain(root: str = ".", refresh_data: bool = True, runner: str | None = None, parallel: int | None = None,
+            dask_address: str | None = None) -> dict:
+    """The runner arguments override params.yaml `runner` (unset: as configured there)."""
+    section = load_params(Paths(Path(root).resolve()).params).runner
+    choice = RunnerChoice.from_params(section, runner, parallel, dask_address)
+    outcome = pipeline_on(choice)(root=root, refresh_data=refresh_data)
     return outcome | {"promotion": promote_task(root, outcome["mlflow_run_id"])}
 
 

@@ -16,6 +16,7 @@ as in dvc.lock), lowbit.test_digest.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
+from flows.mlflow_store import bound_http_waits, store_errors
 from lowbit.config import Params
 
 MAX_PARAM_CHARS = 6000
@@ -86,15 +88,21 @@ class Tracker:
         self.root = root
         self.params = params
         self.uri = resolve_uri(params.tracking.uri, root)
+        bound_http_waits()
         self.client = MlflowClient(tracking_uri=self.uri)
-        self.experiment_id = self._experiment(params.tracking.experiment, params.tracking.artifact_location)
+        # the run's first request: a store that is down or refuses the user is said here, with what to set
+        with store_errors(self.uri):
+            self.experiment_id = self._experiment(params.tracking.experiment, params.tracking.artifact_location)
         self.run_id: str | None = None
 
     def _experiment(self, name: str, artifact_location: str) -> str:
         found = self.client.get_experiment_by_name(name)
         if found is not None:
             return found.experiment_id
-        location = artifact_location if "://" in artifact_location else (self.root / artifact_location).resolve().as_uri()
+        # a URI (s3://..., mlflow-artifacts:/prefix for the server's --artifacts-destination) as it
+        # is; anything else is a folder relative to the project
+        is_uri = re.match(r"[A-Za-z][A-Za-z0-9+.-]+:", artifact_location) is not None
+        location = artifact_location if is_uri else (self.root / artifact_location).resolve().as_uri()
         return self.client.create_experiment(name, artifact_location=location)
 
     def start(self, tags: dict[str, str]) -> str:

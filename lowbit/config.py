@@ -224,11 +224,34 @@ class DeterminismParams(Section):
     num_threads: int = Field(ge=0, le=1024)
 
 
+class RunnerParams(Section):
+    kind: Literal["threads", "dask"]
+    parallel: int = Field(ge=0, le=1024)
+    dask_address: str
+
+    @model_validator(mode="after")
+    def address_needs_dask(self) -> "RunnerParams":
+        if self.dask_address and self.kind != "dask":
+            raise ValueError(f"dask_address is set ({self.dask_address!r}) but kind is {self.kind!r}; set kind: dask")
+        return self
+
+
 class TrackingParams(Section):
     uri: str = Field(min_length=1)
     experiment: str = Field(min_length=1)
     artifact_location: str = Field(min_length=1)
     dvc_push: bool
+    dvc_remote: str
+
+    @field_validator("dvc_remote")
+    @classmethod
+    def remote_url(cls, url: str) -> str:
+        """A URL DVC can push to (s3://bucket/prefix, gs://..., ssh://..., /abs/path), or "" for the
+        project's default remote. A relative path would be resolved against whatever the cwd is."""
+        if url and "://" not in url and not url.startswith("/"):
+            raise ValueError(f"{url!r} is not a remote URL; give e.g. s3://bucket/lowbit-dvc or an absolute path, "
+                             "or \"\" for the project's DVC default remote")
+        return url
 
 
 class Params(Section):
@@ -245,6 +268,7 @@ class Params(Section):
     report: ReportParams
     promote: PromoteParams
     determinism: DeterminismParams
+    runner: RunnerParams
     tracking: TrackingParams
 
     def section(self, name: str) -> dict[str, Any]:

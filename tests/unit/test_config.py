@@ -117,3 +117,15 @@ def test_scheme_and_observer_names_are_checked_against_their_registries():
     assert "int4_weight_only" in message  # registered by its module alone
     assert f"ptq.observers: 'perc' is not one of the observers: {', '.join(OBSERVERS)}" in message
     assert "qat.init_observer: 'median' is not one of the observers (or ema): ema, minmax" in message
+
+
+def test_a_dvc_remote_is_a_url_an_absolute_path_or_empty():
+    raw = raw_params()
+    assert validate_params(raw, "params.yaml").tracking.dvc_remote == ""  # the project's default remote
+    for url in ("s3://bucket/lowbit-dvc", "gs://bucket/dvc", "/srv/dvc-remote"):
+        raw["tracking"]["dvc_remote"] = url
+        assert validate_params(raw, "params.yaml").tracking.dvc_remote == url
+    raw["tracking"]["dvc_remote"] = "bucket/lowbit-dvc"  # no scheme: relative to whatever the cwd is
+    with pytest.raises(LowbitError, match=r"tracking\.dvc_remote: 'bucket/lowbit-dvc' is not a remote URL; "
+                                          r"give e\.g\. s3://bucket/lowbit-dvc"):
+        validate_params(raw, "params.yaml")

@@ -108,3 +108,27 @@ def test_an_mlflow_error_answer_is_the_servers_error():
         with pytest.raises(LowbitError, match=f"^the MLflow server at {uri} answered with an error: "
                                               "INVALID_STATE: the database is being migrated$"):
             open_store(uri)
+
+
+def test_refused_credentials_name_the_user_and_the_variables_to_set(monkeypatch):
+    class Unauthorized(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's naming
+            body = b"You are not authenticated. Please see the documentation for details."
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="mlflow"')
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "reader")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
+    with serving(Unauthorized) as uri:
+        with pytest.raises(LowbitError) as caught:
+            open_store(uri)
+    message = str(caught.value)
+    assert message.startswith(f"the MLflow server at {uri} refused lowbit's request as user 'reader' "
+                              "(MLFLOW_TRACKING_USERNAME): ")
+    assert "Set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)" in message
