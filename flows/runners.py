@@ -75,7 +75,14 @@ def task_runner(choice: RunnerChoice) -> TaskRunner:
     # Dask's INFO lines (every worker registering, retiring) drown the stages' own output; read
     # at distributed's import, and inherited by the worker processes it spawns.
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    import dask
     from prefect_dask import DaskTaskRunner  # imports distributed (~1 s): only when asked for
+
+    # A nanny writes its pre-spawn variables (OMP_NUM_THREADS=1, ...) into the os.environ of the
+    # process that starts the local cluster, for good: the flow's own stages (prepare, evaluate,
+    # report) then ran single-threaded (evaluate took twice as long, its latency figures doubled).
+    # The workers get their thread count from `env` below instead.
+    dask.config.set({"distributed.nanny.pre-spawn-environ": {}})
 
     if choice.dask_address:
         check_scheduler_answers(choice.dask_address)

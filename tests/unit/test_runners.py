@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from flows.dvc_stages import LOCK_FILE, dvc_repo
-from flows.runners import CONCURRENT_BRANCHES, RunnerChoice, check_scheduler_answers
+from flows.runners import CONCURRENT_BRANCHES, RunnerChoice, check_scheduler_answers, stage_threads, task_runner
 from lowbit.config import RunnerParams
 from lowbit.errors import LowbitError
 from tests.conftest import venv_env
@@ -120,6 +121,14 @@ def test_threads_of_one_process_exclude_each_other_and_a_stuck_holder_times_out(
 
 @pytest.mark.parametrize(("cores", "stages", "threads"), [(2, 4, 1), (16, 4, 4), (8, 3, 2), (1, 1, 1), (64, 1, 64)])
 def test_concurrent_stages_share_the_cores_without_oversubscribing(cores, stages, threads):
-    from flows.runners import stage_threads
-
     assert stage_threads(cores, stages) == threads
+
+
+def test_a_local_cluster_leaves_the_flow_process_environment_alone():
+    """Its stages run in this process's environment: Dask's single-thread settings must stay in the workers."""
+    before = {key: os.environ.get(key) for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    runner = task_runner(RunnerChoice(kind="dask", parallel=2))
+    with runner:
+        worker_threads = runner.client.run(lambda: os.environ.get("OMP_NUM_THREADS"))
+    assert {key: os.environ.get(key) for key in before} == before
+    assert set(worker_threads.values()) == {str(stage_threads(os.cpu_count() or 1, 2))}
