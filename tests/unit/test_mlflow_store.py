@@ -91,12 +91,14 @@ def test_a_web_server_that_is_not_mlflow_is_named_as_such(tmp_path):
     assert answers == [501]  # an answer: not retried
 
 
-def test_an_mlflow_error_answer_is_the_servers_error():
-    class Refusing(http.server.BaseHTTPRequestHandler):
+def answering(status: int, body: bytes, headers: dict[str, str]) -> type[http.server.BaseHTTPRequestHandler]:
+    """A handler that answers every POST with `status`, `headers` and `body`."""
+
+    class Answering(http.server.BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 - http.server's naming
-            body = json.dumps({"error_code": "INVALID_STATE", "message": "the database is being migrated"}).encode()
-            self.send_response(409)
-            self.send_header("Content-Type", "application/json")
+            self.send_response(status)
+            for name, value in headers.items():
+                self.send_header(name, value)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -104,28 +106,22 @@ def test_an_mlflow_error_answer_is_the_servers_error():
         def log_message(self, *args):
             pass
 
-    with serving(Refusing) as uri:
+    return Answering
+
+
+def test_an_mlflow_error_answer_is_the_servers_error():
+    body = json.dumps({"error_code": "INVALID_STATE", "message": "the database is being migrated"}).encode()
+    with serving(answering(409, body, {"Content-Type": "application/json"})) as uri:
         with pytest.raises(LowbitError, match=f"^the MLflow server at {uri} answered with an error: "
                                               "INVALID_STATE: the database is being migrated$"):
             open_store(uri)
 
 
 def test_refused_credentials_name_the_user_and_the_variables_to_set(monkeypatch):
-    class Unauthorized(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 - http.server's naming
-            body = b"You are not authenticated. Please see the documentation for details."
-            self.send_response(401)
-            self.send_header("WWW-Authenticate", 'Basic realm="mlflow"')
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "reader")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong")
-    with serving(Unauthorized) as uri:
+    body = b"You are not authenticated. Please see the documentation for details."
+    with serving(answering(401, body, {"WWW-Authenticate": 'Basic realm="mlflow"'})) as uri:
         with pytest.raises(LowbitError) as caught:
             open_store(uri)
     message = str(caught.value)
