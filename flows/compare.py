@@ -486,8 +486,10 @@ def pareto_across_runs(frame: pd.DataFrame, path: Path) -> None:
         xs, ys = rows["weight_bytes"] / MIB, rows["accuracy"]
         ax.scatter(xs, ys, marker=marker, s=36, label=label, zorder=3, edgecolors=colour,
                    facecolors=colour if same_split else "none")
+        # weight_bytes: runs logged before serving_memory_bytes was measured have it too
         front = pareto_front([{"variant": v, "metrics": {"accuracy": a, "weight_bytes": w}}
-                              for v, a, w in zip(rows["variant"], rows["accuracy"], rows["weight_bytes"])])
+                              for v, a, w in zip(rows["variant"], rows["accuracy"], rows["weight_bytes"])],
+                             memory="weight_bytes")
         edge = sorted((w / MIB, a) for v, a, w in zip(rows["variant"], rows["accuracy"], rows["weight_bytes"]) if v in front)
         ax.plot(*zip(*edge), color=colour, linestyle="--", linewidth=1, zorder=2)
         points += list(zip(rows["variant"], xs, ys))

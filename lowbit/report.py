@@ -9,6 +9,11 @@ a tie) whose accuracy is within `max_accuracy_drop` points of fp32; among ties t
 accurate, where a variant not significantly different from fp32 (the evaluate stage's
 McNemar test) counts as exactly as accurate as fp32, then the fastest at batch 1.
 
+Memory in the table's `serve MiB` column, on the Pareto plot and for the Pareto front is
+`serving_memory_bytes`: the peak RSS of a process that loaded and evaluated only that variant,
+minus the same for a process that loaded no model (tasks.evaluate), so it does not depend on the
+order variants were evaluated in.
+
 Stages that failed in this run are listed as missing, with their error; without the fp32
 baseline there is no delta and no recommendation, and the report says why.
 """
@@ -26,6 +31,7 @@ from lowbit.tables import markdown_table, plt, save_png, sensitivity_table
 from lowbit.variants import BASELINE
 
 MIB = 1024 * 1024
+MEMORY = "serving_memory_bytes"  # the Pareto plot's and front's memory axis
 
 
 def build_summary(
@@ -83,13 +89,13 @@ def recommend(rows: list[dict], max_accuracy_drop: float, base_accuracy: float) 
     return max(tied, key=lambda r: (credited(r), -r["metrics"]["latency_ms_p50"])), tied
 
 
-def pareto_front(rows: list[dict]) -> set[str]:
-    """Variants no other variant beats on both accuracy (higher) and weight_bytes (lower)."""
+def pareto_front(rows: list[dict], memory: str = MEMORY) -> set[str]:
+    """Variants no other variant beats on both accuracy (higher) and the `memory` metric (lower)."""
     def dominated(a: dict) -> bool:
         ma = a["metrics"]
         return any(
-            mb["accuracy"] >= ma["accuracy"] and mb["weight_bytes"] <= ma["weight_bytes"]
-            and (mb["accuracy"] > ma["accuracy"] or mb["weight_bytes"] < ma["weight_bytes"])
+            mb["accuracy"] >= ma["accuracy"] and mb[memory] <= ma[memory]
+            and (mb["accuracy"] > ma["accuracy"] or mb[memory] < ma[memory])
             for mb in (b["metrics"] for b in rows)
         )
     return {r["variant"] for r in rows if not dominated(r)}
@@ -97,7 +103,7 @@ def pareto_front(rows: list[dict]) -> set[str]:
 
 COLUMNS = [  # (header, metric, format); accuracy and Δacc have cells of their own
     ("f1_macro", "f1_macro", "{:.4f}"), ("ece → cal", "ece", "ece"), ("weight MiB", "weight_bytes", "mib"),
-    ("disk MiB", "disk_bytes", "mib"), ("bits/param", "bits_per_param", "{:.2f}"),
+    ("disk MiB", "disk_bytes", "mib"), ("serve MiB", MEMORY, "mib"), ("bits/param", "bits_per_param", "{:.2f}"),
     ("q bits", "quantized_bits_per_param", "{:.2f}"), ("p50 ms", "latency_ms_p50", "{:.2f}"),
     ("p95 ms", "latency_ms_p95", "{:.2f}"), ("samples/s", "throughput_samples_s", "{:.1f}"),
 ]
@@ -171,7 +177,10 @@ def markdown_report(summary: dict) -> str:
         "(evaluate.significance_level). ece → cal: expected calibration error before → after the calibration fitted "
         "on the validation split (evaluate.calibration). bits/param = 8 × weight_bytes / total_params (derived). "
         "q bits = storage bits per quantized weight, scales included. "
-        "Latency: batch of 1; samples/s: evaluation batch. pareto: no variant is both more accurate and smaller.",
+        "serve MiB = peak RSS of a process that loaded and evaluated only this variant − the same for one that "
+        "loaded no model (derived; order-independent). "
+        "Latency: batch of 1; samples/s: evaluation batch. pareto: no variant is both more accurate and smaller "
+        "to serve.",
     ]
     parts += ["", "Figures: pareto.png (accuracy vs memory), reliability.png (confidence vs accuracy per variant, "
               "before and after calibration), confusion.png (per-class confusion per variant)."]
@@ -202,15 +211,15 @@ def label_groups(points: list[tuple[str, float, float]]) -> list[tuple[list[str]
 
 def pareto_plot(summary: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    points = [(r["variant"], r["metrics"]["weight_bytes"] / MIB, r["metrics"]["accuracy"]) for r in summary["rows"]]
+    points = [(r["variant"], r["metrics"][MEMORY] / MIB, r["metrics"]["accuracy"]) for r in summary["rows"]]
     for row, (_, x, y) in zip(summary["rows"], points):
         on_front = row["pareto"]
         ax.scatter(x, y, color="tab:red" if on_front else "tab:blue", zorder=4 if on_front else 3)
     for names, x, y in label_groups(points):
         ax.annotate("\n".join(names), (x, y), textcoords="offset points", xytext=(5, 2), fontsize=7, va="top")
-    front = sorted((r["metrics"]["weight_bytes"] / MIB, r["metrics"]["accuracy"]) for r in summary["rows"] if r["pareto"])
+    front = sorted((r["metrics"][MEMORY] / MIB, r["metrics"]["accuracy"]) for r in summary["rows"] if r["pareto"])
     ax.plot(*zip(*front), color="tab:red", linestyle="--", linewidth=1, label="Pareto front")
-    ax.set_xlabel("weight_bytes (MiB, as held in memory)")
+    ax.set_xlabel("serving_memory_bytes (MiB: peak RSS of the variant alone − import floor)")
     ax.set_ylabel("test accuracy")
     ax.set_title("lowbit: accuracy vs memory")
     ax.grid(alpha=0.3)

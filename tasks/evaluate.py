@@ -5,6 +5,12 @@ Reads params: evaluate.*, model.max_length, model.trust_remote_code
 Writes: metrics/<variant>.json (quality with 95% intervals, calibration before/after, per-class view,
 the paired test against fp32, memory, speed), metrics/calibrators/<variant>.json (fitted on val)
 
+Each variant is loaded and measured in a child process of its own (lowbit.isolation), so its memory
+figures do not depend on which variants ran before it:
+- peak_rss_bytes: that child's peak resident memory (libraries, data, model, forward passes);
+- import_floor_bytes: the same for a child that loads no model (the libraries and the data);
+- serving_memory_bytes (derived) = peak_rss_bytes − import_floor_bytes: what serving the variant adds.
+
 When stages failed, the flow names them in LOWBIT_EXCLUDE_STAGES (JSON {stage: why}) and runs
 this stage outside DVC: their variants are left out even where an earlier run's model is still
 on disk (it was made from other inputs), and listed under `missing` in metrics/lowbit_stage.json.
@@ -12,19 +18,29 @@ on disk (it was made from other inputs), and listed under `missing` in metrics/l
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Iterator
+
 import numpy as np
 import pandas as pd
 import torch
 
+from lowbit.calibration import Calibrator
 from lowbit.config import Params
 from lowbit.errors import LowbitError
 from lowbit.evaluation import evaluate_saved_variant
 from lowbit.formats import discover
 from lowbit.hardware import describe_environment, detect, evaluation_threads
 from lowbit.io import atomic_dir, read_json, write_json
+from lowbit.isolation import Isolated
 from lowbit.statistics import paired_comparison
 from lowbit.variants import BASELINE, CARD
 from tasks.plumbing import RESULT_FILE, Paths, StageClock, excluded_stages, stage_main
+
+# What every child needs, imported once by the forkserver: a child then starts with a fork.
+# Libraries only some formats use (bitsandbytes, peft, Inductor) are imported by the child that
+# needs them, and count in its serving memory, as they would in a process serving that variant.
+CHILD_IMPORTS = ["lowbit.evaluation"]
 
 
 def run(params: Params, paths: Paths) -> dict:
@@ -44,18 +60,16 @@ def run(params: Params, paths: Paths) -> dict:
     val = pd.read_parquet(paths.prepared / "val.parquet")
     labels = read_json(paths.prepared / "meta.json")["labels"]
     summary, reference = {}, None
+    threads = torch.get_num_threads()
     with atomic_dir(paths.metrics) as out:
-        for variant, model_dir in variants.items():
-            print(f"evaluate: {variant} ({model_dir.relative_to(paths.root)})", flush=True)
-            record, calibrator, predictions = evaluate_saved_variant(
-                variant, model_dir, test, val, params.evaluate, params.model, labels)
+        for variant, record, calibrator, predictions in measure_variants(variants, test, val, params, labels, threads):
             correct = predictions == test["label"].to_numpy()
             if variant == BASELINE:  # discover() yields it first: every other variant is compared with it
                 reference = correct
             if reference is not None:
                 record["metrics"] |= compared_with_baseline(correct, reference, params)
-            record["model_dir"] = str(model_dir.relative_to(paths.root))  # a checkout elsewhere writes the same file
-            record["threads"] = torch.get_num_threads()
+            record["model_dir"] = str(variants[variant].relative_to(paths.root))  # a checkout elsewhere writes the same file
+            record["threads"] = threads
             record["report_order"] = len(summary)  # discover() returns variants in report order
             write_json(out / f"{variant}.json", record)
             write_json(out / "calibrators" / f"{variant}.json", calibrator.to_json())
@@ -64,6 +78,21 @@ def run(params: Params, paths: Paths) -> dict:
                   "stage_seconds": clock.seconds()}
         write_json(out / RESULT_FILE, result)
     return result
+
+
+def measure_variants(variants: dict[str, Path], test: pd.DataFrame, val: pd.DataFrame, params: Params,
+                     labels: list[str], threads: int) -> Iterator[tuple[str, dict, Calibrator, np.ndarray]]:
+    """(variant, record, calibrator, test predictions) for each variant in turn, each measured in a
+    child process of its own, with the memory figures the module docstring defines."""
+    with Isolated(preload=CHILD_IMPORTS) as isolated:
+        floor = isolated.floor(test, val)
+        for variant, model_dir in variants.items():
+            print(f"evaluate: {variant} ({model_dir})", flush=True)
+            (record, calibrator, predictions), peak = isolated.call(
+                evaluate_saved_variant, variant, model_dir, test, val, params.evaluate, params.model, labels,
+                threads=threads)
+            record["metrics"] |= {"peak_rss_bytes": peak, "import_floor_bytes": floor, "serving_memory_bytes": peak - floor}
+            yield variant, record, calibrator, predictions
 
 
 def compared_with_baseline(correct: np.ndarray, reference: np.ndarray, params: Params) -> dict:

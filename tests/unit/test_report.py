@@ -8,7 +8,8 @@ from lowbit.report import build_summary, label_groups, markdown_report, pareto_f
 
 
 def record(accuracy, weight_bytes):
-    return {"metrics": {"accuracy": accuracy, "weight_bytes": weight_bytes, "f1_macro": accuracy, "ece": 0.05,
+    return {"metrics": {"accuracy": accuracy, "weight_bytes": weight_bytes, "serving_memory_bytes": weight_bytes + 50,
+                        "f1_macro": accuracy, "ece": 0.05,
                         "disk_bytes": weight_bytes, "bits_per_param": 8 * weight_bytes / 100,
                         "latency_ms_p50": 1.0, "latency_ms_p95": 2.0, "throughput_samples_s": 10.0}}
 
@@ -31,6 +32,20 @@ def test_accuracy_delta_in_points_and_report_order():
 def test_pareto_front_excludes_dominated_variants():
     rows = build_summary(RECORDS, 1.0)["rows"]
     assert pareto_front(rows) == {"fp32", "ptq_int8_dynamic", "ptq_nf4"}
+
+
+def test_pareto_front_and_table_use_serving_memory_not_weight_bytes():
+    """NF4 holds fewer weight bytes but, dequantizing per call, needs more memory to serve than int8:
+    on the serving axis it is dominated (less accurate and larger)."""
+    records = {name: {"metrics": dict(rec["metrics"])} for name, rec in RECORDS.items()}
+    serving_mib = {"fp32": 400, "half_fp16": 200, "ptq_int8_dynamic": 150, "ptq_nf4": 300}
+    for name, mib in serving_mib.items():
+        records[name]["metrics"]["serving_memory_bytes"] = mib * 1024 * 1024
+    summary = build_summary(records, 1.0)
+    assert pareto_front(summary["rows"]) == {"fp32", "ptq_int8_dynamic"}
+    assert pareto_front(summary["rows"], memory="weight_bytes") == {"fp32", "ptq_int8_dynamic", "ptq_nf4"}
+    table = markdown_report(summary)
+    assert "serve MiB" in table and "| 300.0 |" in table and "| 150.0 |" in table
 
 
 def test_recommendation_is_smallest_within_the_allowed_drop():

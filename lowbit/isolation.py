@@ -1,0 +1,74 @@
+"""Measurements that cannot depend on what ran before them: each in a child process of its own.
+
+    with Isolated(preload=["lowbit.evaluation"]) as isolated:
+        floor = isolated.floor(test_frame)                        # peak RSS of a child that loads no model
+        result, peak = isolated.call(evaluate, variant_dir, test_frame, threads=2)
+        serving = peak - floor
+
+Why: measured one after another in one process, each variant's peak RSS carried what earlier
+variants left behind (allocator arenas, caches, lazily imported libraries): after five variants
+NF4 read 36% above FP32, while alone it needs the same. Here one forkserver imports the libraries
+once; every call runs in a fresh child forked from that server, which has never loaded a model,
+and the child exits after one call (max_tasks_per_child=1). A call's figures are therefore the same
+whatever ran before it, and starting a child costs a fork, not a second import of torch.
+
+The floor is a child that receives the same data and loads nothing: the interpreter with the
+preloaded libraries. `peak − floor` is what the call itself added: its model's tensors, the
+activations and workspaces of its forward passes, and the library code those passes touched.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable
+
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.measure import peak_rss_bytes, release_free_heap, reset_peak_rss
+
+
+def _measured(fn: Callable, args: tuple, kwargs: dict, threads: int | None) -> tuple[Any, int]:
+    """In the child: run fn and return (its result, this process's peak RSS over the call)."""
+    if threads:
+        torch.set_num_threads(threads)
+    release_free_heap()
+    reset_peak_rss()  # from the RSS the child inherited: the forkserver's import-time transients are not counted
+    result = fn(*args, **kwargs)
+    return result, peak_rss_bytes()
+
+
+def _load_nothing(*_data: Any) -> None:
+    """The floor's call: receives the same data as a measured call (so unpickling it counts in both)."""
+
+
+class Isolated:
+    """One forkserver with `preload` imported; each call in a fresh child forked from it."""
+
+    def __init__(self, preload: list[str]) -> None:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(preload)
+        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1)
+
+    def call(self, fn: Callable, *args: Any, threads: int | None = None, **kwargs: Any) -> tuple[Any, int]:
+        """(fn(*args, **kwargs), peak RSS bytes of the child that ran it). fn must be importable
+        (a module-level function); an exception in the child is raised here."""
+        try:
+            return self._pool.submit(_measured, fn, args, kwargs, threads).result()
+        except BrokenProcessPool:
+            what = f"{fn.__name__}({args[0]!r}, ...)" if args else f"{fn.__name__}()"
+            raise LowbitError(
+                f"the child process running {what} died before answering: killed (out of memory? see "
+                "`dmesg`) or crashed in a native library; nothing was written") from None
+
+    def floor(self, *data: Any) -> int:
+        """Peak RSS bytes of a child that imported the preloaded libraries, received `data` and did nothing else."""
+        return self.call(_load_nothing, *data)[1]
+
+    def __enter__(self) -> "Isolated":
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
