@@ -1,6 +1,7 @@
 """`lowbit` command line.
 
-    lowbit run [-P baseline.epochs=2 ...] [--force]   run the Prefect flow (stages DVC says changed)
+    lowbit run [--preset full] [-P baseline.epochs=2 ...] [--force]
+                                                      run the Prefect flow (stages DVC says changed)
           [--runner threads|dask] [--parallel N] [--dask-address tcp://HOST:8786]
     lowbit stage prepare                              run one stage in this process
     lowbit sensitivity                                quantize one layer at a time, write reports/sensitivity.*
@@ -30,7 +31,8 @@ from pathlib import Path
 
 from flows.compare import add_arguments as add_compare_arguments, compare_command
 from flows.reproduce import add_arguments as add_reproduce_arguments, reproduce_command
-from lowbit.config import load_params, write_overrides
+from flows.up_to_date import recorded_run
+from lowbit.config import load_params, preset_overrides, write_overrides
 from lowbit.errors import LowbitError, StagesFailed
 from tasks import STAGES
 from tasks.plumbing import Paths, quiet_libraries
@@ -52,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("-P", "--param", action="append", default=[], metavar="KEY=VALUE",
                      help="set a param in params.yaml before running (recorded in MLflow), e.g. -P baseline.epochs=2")
     run.add_argument("--force", action="store_true", help="rerun every stage even if DVC says it is up to date")
+    run.add_argument("--preset", metavar="NAME",
+                     help="set the params in presets/NAME.yaml first, like -P (e.g. full: the full-size configuration); "
+                          "-P values are applied after it")
     add_runner_arguments(run)
     stage = sub.add_parser("stage", help="run one stage in this process (what dvc.yaml's cmd does)")
     stage.add_argument("name", choices=STAGES)
@@ -103,19 +108,25 @@ def runner_choice(args: argparse.Namespace, params):
 
 def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
     started = time.perf_counter()
-    if args.param:
-        for key, old, new in write_overrides(paths.params, args.param):
+    overrides = (preset_overrides(paths.root, args.preset) if args.preset else []) + args.param
+    if overrides:
+        for key, old, new in write_overrides(paths.params, overrides):
             print(f"params.yaml: {key}: {old!r} -> {new!r}")
     params = load_params(paths.params)  # fail on bad params before starting Prefect
     quiet_libraries()
     runner = runner_choice(args, params)
+    if not args.force and (recorded := recorded_run(paths, params)):
+        print((paths.reports / "summary.md").read_text())
+        print(f"stages run: nothing (dvc status: every stage up to date; MLflow run {recorded} already records "
+              f"these outputs and params); {time.perf_counter() - started:.1f} s in all")
+        return 0
     prepare_prefect_environment()
     from flows.pipeline import pipeline_on  # Prefect import is slow: only for `run`
 
     flow = pipeline_on(runner)
     print(f"stages run on {runner.describe()}")
     with explained_prefect_startup():
-        outcome = flow(root=str(paths.root), force=args.force, overrides=tuple(args.param))
+        outcome = flow(root=str(paths.root), force=args.force, overrides=tuple(overrides))
     print()
     print(outcome["report"])
     ran = ", ".join(outcome["ran"]) or "nothing (all stages up to date)"

@@ -31,6 +31,7 @@ from prefect.runtime import deployment, flow_run
 from flows.dvc_stages import push_outputs, retry_unless_refused, run_stage, run_stage_uncommitted
 from flows.runners import RunnerChoice, task_runner
 from flows.tracking import Tracker, dvc_lock_outputs, dvc_output_of
+from flows.up_to_date import LOCK_TAG, lock_digest
 from lowbit.calibration import check_calibration_data
 from lowbit.config import load_params
 from lowbit.errors import LowbitError, StagesFailed
@@ -108,6 +109,7 @@ def pipeline(root: str = ".", force: bool = False, overrides: tuple[str, ...] = 
         reasons = err.failures if isinstance(err, StagesFailed) else {}
         tracker.finish("FAILED", "; ".join(f"{k}: {v}" for k, v in reasons.items()) or f"{type(err).__name__}: {err}")
         raise
+    tracker.tag(LOCK_TAG, lock_digest(paths))  # what a rerun with nothing changed finds (flows/up_to_date.py)
     tracker.finish("FINISHED")
     return {
         "mlflow_run_id": tracker.run_id,

@@ -81,6 +81,22 @@ def numeric_items(values: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def finished_pipeline_run(params: Params, root: Path, tags: dict[str, str]) -> str | None:
+    """The newest FINISHED pipeline run in the project's experiment carrying all `tags`, or None."""
+    uri = resolve_uri(params.tracking.uri, root)
+    bound_http_waits()
+    client = MlflowClient(tracking_uri=uri)
+    with store_errors(uri):
+        experiment = client.get_experiment_by_name(params.tracking.experiment)
+        if experiment is None:
+            return None
+        conditions = ["tags.`lowbit.kind` = 'pipeline'", "attributes.status = 'FINISHED'",
+                      *(f"tags.`{key}` = '{value}'" for key, value in tags.items())]
+        runs = client.search_runs([experiment.experiment_id], " and ".join(conditions), max_results=1,
+                                  order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
 class Tracker:
     """Writes one pipeline run to MLflow through an explicit client (thread-safe, no global active run)."""
 

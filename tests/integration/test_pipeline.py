@@ -29,7 +29,7 @@ def pipeline_runs(root):
     return parents, children
 
 
-def test_dvc_repro_and_the_flow_share_one_lock_and_rerun_only_what_changed(tiny_project):
+def test_dvc_repro_and_the_flow_share_one_lock_and_rerun_only_what_changed(tiny_project, capsys):
     root = tiny_project
     subprocess.run(["dvc", "repro"], cwd=root, check=True, env=venv_env())
     fp32 = read_json(root / "metrics" / "fp32.json")
@@ -43,6 +43,7 @@ def test_dvc_repro_and_the_flow_share_one_lock_and_rerun_only_what_changed(tiny_
     m = fp32["metrics"]
     assert m["accuracy_ci_low"] <= m["accuracy"] <= m["accuracy_ci_high"] and m["accuracy_ci_high"] - m["accuracy_ci_low"] > 0.01
     assert m["accuracy_delta"] == 0.0 and m["mcnemar_p_value"] == 1.0 and m["accuracy_delta_significant"] == 0.0
+    assert m["serving_memory_bytes"] == m["peak_rss_bytes"] - m["import_floor_bytes"] >= m["weight_bytes"]
     assert m["ece_calibrated"] >= 0 and read_json(root / "metrics" / "calibrators" / "fp32.json")["method"] == "temperature"
     assert sum(fp32["per_class"]["per_class"][name]["support"] for name in fp32["per_class"]["labels"]) == m["n_test"]
     assert (root / "reports" / "reliability.png").stat().st_size > 10_000 and (root / "reports" / "confusion.png").is_file()
@@ -64,6 +65,12 @@ def test_dvc_repro_and_the_flow_share_one_lock_and_rerun_only_what_changed(tiny_
     assert parents[-1].data.tags["lowbit.overrides"] == "evaluate.latency_samples=6"
     assert "latency_samples: 6" in (root / "params.yaml").read_text()
     assert dvc_clean(root)
+
+    # Nothing changed since that finished run: answered from DVC and MLflow, without Prefect or a new run.
+    capsys.readouterr()
+    assert lowbit_main(["--root", str(root), "run"]) == 0
+    assert f"stages run: nothing (dvc status: every stage up to date; MLflow run {parents[-1].info.run_id}" in capsys.readouterr().out
+    assert len(pipeline_runs(root)[0]) == len(parents)
 
     # What MLflow holds is what the metrics files say, tagged for traceability.
     parent = parents[-1]
