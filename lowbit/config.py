@@ -344,6 +344,30 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), parsed
 
 
+PRESETS_DIR = "presets"
+
+
+def preset_overrides(root: str | Path, name: str) -> list[str]:
+    """presets/<name>.yaml (params.yaml's shape, only the keys it changes) as KEY=VALUE overrides."""
+    folder = Path(root) / PRESETS_DIR
+    path = folder / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml"))) or "none"
+        raise LowbitError(f"preset {name!r}: there is no {path}; presets in {folder}: {known}")
+    raw = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict):
+        raise LowbitError(f"{path}: expected sections of params.yaml (e.g. `baseline: {{epochs: 3}}`), got {type(raw).__name__}")
+    return [f"{key}={json.dumps(value)}" for key, value in dotted_items(raw)]
+
+
+def dotted_items(raw: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items: list[tuple[str, Any]] = []
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        items += dotted_items(value, name + ".") if isinstance(value, dict) else [(name, value)]
+    return items
+
+
 def set_dotted(raw: dict[str, Any], key: str, value: Any, path: Path | str) -> None:
     parts = key.split(".")
     node = raw

@@ -14,7 +14,7 @@ from lowbit.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO.parent / "shared" / "data" / "sst2"
-PROJECT_FILES = ["lowbit", "tasks", "flows", "params.yaml", "dvc.yaml", "prefect.yaml", ".dvcignore", ".gitignore",
+PROJECT_FILES = ["lowbit", "tasks", "flows", "presets", "params.yaml", "dvc.yaml", "prefect.yaml", ".dvcignore", ".gitignore",
                  "data/raw"]
 
 # Small enough for CI, big enough that every stage does real work.

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lowbit.config import Params, load_params, parse_override, validate_params, write_overrides
+from lowbit.config import Params, load_params, parse_override, preset_overrides, validate_params, write_overrides
 from lowbit.errors import LowbitError
 from tests.conftest import REPO
 
@@ -85,10 +85,10 @@ def test_bad_overrides_are_explained(item, fragment):
 def test_write_overrides_keeps_comments_and_refuses_invalid_values(tmp_path: Path):
     path = tmp_path / "params.yaml"
     path.write_text((REPO / "params.yaml").read_text())
-    changes = write_overrides(path, ["baseline.epochs=2"])
-    assert changes == [("baseline.epochs", 3, 2)]
+    changes = write_overrides(path, ["baseline.epochs=5"])
+    assert changes == [("baseline.epochs", 2, 5)]
     text = path.read_text()
-    assert "epochs: 2" in text and "# more epochs fit better" in text
+    assert "epochs: 5" in text and "# more epochs fit better" in text
     before = path.read_text()
     with pytest.raises(LowbitError, match="baseline.epochs"):
         write_overrides(path, ["baseline.epochs=0"])
@@ -129,3 +129,26 @@ def test_a_dvc_remote_is_a_url_an_absolute_path_or_empty():
     with pytest.raises(LowbitError, match=r"tracking\.dvc_remote: 'bucket/lowbit-dvc' is not a remote URL; "
                                           r"give e\.g\. s3://bucket/lowbit-dvc"):
         validate_params(raw, "params.yaml")
+
+
+def test_a_preset_becomes_overrides_and_every_shipped_preset_is_valid(tmp_path: Path):
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "small.yaml").write_text("data:\n  builtin_rows: 500\n  max_rows: null\nptq:\n  observers: [minmax]\n")
+    overrides = preset_overrides(tmp_path, "small")
+    assert overrides == ["data.builtin_rows=500", "data.max_rows=null", 'ptq.observers=["minmax"]']
+    params = load_params(REPO / "params.yaml", overrides)
+    assert params.data.builtin_rows == 500 and params.data.max_rows is None and params.ptq.observers == ["minmax"]
+    shipped = sorted((REPO / "presets").glob("*.yaml"))
+    assert shipped, "presets/ ships at least the full-size configuration"
+    for path in shipped:
+        load_params(REPO / "params.yaml", preset_overrides(REPO, path.stem))  # raises on a key or value params.yaml refuses
+
+
+def test_an_unknown_preset_names_the_file_and_the_presets_there(tmp_path: Path):
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "full.yaml").write_text("baseline:\n  epochs: 3\n")
+    with pytest.raises(LowbitError, match=r"preset 'fast': there is no .*presets/fast.yaml; presets in .*: full"):
+        preset_overrides(tmp_path, "fast")
+    (tmp_path / "presets" / "broken.yaml").write_text("- just a list\n")
+    with pytest.raises(LowbitError, match=r"broken.yaml: expected sections of params.yaml"):
+        preset_overrides(tmp_path, "broken")
