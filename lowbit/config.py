@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML
 
+from lowbit.declared import observer_names, scheme_names
 from lowbit.errors import LowbitError
 from lowbit.io import atomic_write_text
 
@@ -85,18 +86,6 @@ def registered(kind: str, names: list[str], known: list[str]) -> list[str]:
         if name not in known:
             raise ValueError(f"{name!r} is not one of the {kind}: {', '.join(known)}")
     return names
-
-
-def scheme_names() -> list[str]:
-    from lowbit.quant.schemes import SCHEMES  # the registry imports torch: only when validating
-
-    return list(SCHEMES)
-
-
-def observer_names() -> list[str]:
-    from lowbit.quant.observers import OBSERVERS
-
-    return list(OBSERVERS)
 
 
 class PTQParams(Section):

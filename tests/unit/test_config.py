@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from lowbit.config import Params, load_params, parse_override, preset_overrides, validate_params, write_overrides
+from lowbit.declared import observer_names, scheme_names
 from lowbit.errors import LowbitError
 from tests.conftest import REPO
 
@@ -117,6 +118,8 @@ def test_scheme_and_observer_names_are_checked_against_their_registries():
     assert "int4_weight_only" in message  # registered by its module alone
     assert f"ptq.observers: 'perc' is not one of the observers: {', '.join(OBSERVERS)}" in message
     assert "qat.init_observer: 'median' is not one of the observers (or ema): ema, minmax" in message
+    # validation reads the names from the source (importing the registries costs seconds): the same lists
+    assert scheme_names() == list(SCHEMES) and observer_names() == list(OBSERVERS)
 
 
 def test_a_dvc_remote_is_a_url_an_absolute_path_or_empty():

@@ -54,7 +54,7 @@ def _out(entry) -> str:
 # Plumbing that cannot change what a stage produces: validation, errors, atomic writes, the
 # stage entry point, the Hub probe, package markers. Everything else a stage imports is code
 # whose change must make DVC rerun it, or an old result would pass for the new code's.
-PLUMBING = {"lowbit/__init__.py", "lowbit/config.py", "lowbit/errors.py", "lowbit/io.py", "lowbit/hub.py",
+PLUMBING = {"lowbit/__init__.py", "lowbit/config.py", "lowbit/declared.py", "lowbit/errors.py", "lowbit/io.py", "lowbit/hub.py",
             "lowbit/quant/__init__.py", "tasks/__init__.py", "tasks/plumbing.py"}
 CODE_DIRS = ("lowbit/", "tasks/")
 # Folders listed whole: evaluate loads the metric modules by file path; the scheme registry imports
