@@ -38,7 +38,11 @@ test-slow: install
 
 bench: install
 # As modules (python -m): a script path would put bench/ itself on sys.path, and `bench.common` would not import.
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.quant --out bench/results/quant.json
+# quant writes bench/results/quant-<int8 kernel family of this CPU>.json: each kind of CPU keeps its own figures.
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.quant
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.truth --out bench/results/truth.json
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.overhead --out bench/results/overhead.json
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.scaling --out bench/results/scaling.json
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.peft --out bench/results/peft.json
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.runners --out bench/results/runners.json
 

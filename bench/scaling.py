@@ -1,0 +1,200 @@
+"""Scaling benchmark on SST-2: wall time and peak RSS of prepare, baseline and evaluate as training rows grow.
+
+Run: python -m bench.scaling [--rows 1000 4000 16000 full] [--lengths 64 128]
+                             [--out bench/results/scaling.json] [--plot bench/results/scaling.png]
+Time: about 1.5 hours for the default grid on an idle 2-core machine: baseline about 30 s per 1k
+training rows (bench/results/quant.json: 100-130 s for 4,000), over about 73k training rows a length
+(900 + 3,600 + 14,400 + about 54,000), plus about a minute a point. Max length 128 costs about what 64
+does on SST-2: texts average 13 tokens (4 of 60,614 exceed 64) and batches are padded to their longest.
+On a loaded machine it is far longer: the smoke test `--rows 300 600 --lengths 64`, niced beside other
+work, took about 7 minutes, with baseline at 180-245 s per 1k training rows, evaluate about 75 s plus
+13 s per 1k (its calibrator predicts the validation split); at that pace the default grid takes about 9 hours.
+
+For each max length and row count, a fresh project (bench.common.make_project) with data.max_rows
+= the row count ("full" = null: every usable row of ../shared/data/sst2/train.tsv), 1 baseline
+epoch, and only the stages prepare, baseline and evaluate (which then measures the fp32 variant on
+the fixed 872-row dev sample). Training rows are the prepare stage's own count (about 0.9 x rows:
+10% goes to validation, and rows found in the dev sample are dropped first).
+
+Per stage:
+- stage_seconds: the stage's own figure; wall_seconds: its process, interpreter start-up included;
+- process_peak_rss_bytes: ru_maxrss of the stage's process, read by a fresh wrapper process whose only
+  child it is (RSS_WRAPPER; it covers the descendants the stage waited for, but evaluate's per-variant
+  children belong to a forkserver it does not wait for: their figure comes from metrics/fp32.json);
+- baseline: the training loop's own figures (train_peak_rss_bytes = its peak_rss_bytes, train_memory_bytes);
+  evaluate: the fp32 child's (fp32_peak_rss_bytes, fp32_serving_memory_bytes, from metrics/fp32.json);
+- peak_rss_bytes: the largest of the stage's figures above (plotted, and judged by `targets`).
+Derived: seconds per 1k training rows, a least-squares line of stage_seconds vs training rows per
+stage and length (slope, intercept, R²), rss_spread = (max − min) / min over the row counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import REPO, SST2, emit, make_project, require_sst2, stage_result
+from bench.quant import cpu_model
+
+STAGES = ("prepare", "baseline", "evaluate")
+R2_MIN = 0.98
+RSS_SPREAD_MAX = 0.15
+MIB = 2**20
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", nargs="+", default=["1000", "4000", "16000", "full"],
+                        help='data.max_rows values; "full" = every row of train.tsv')
+    parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128], help="model.max_length values")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
+    parser.add_argument("--plot", type=Path, help="PNG path (default: scaling.png next to --out, or bench/results/)")
+    args = parser.parse_args()
+    try:
+        args.rows = [None if r == "full" else int(r) for r in args.rows]
+    except ValueError:
+        parser.error(f"--rows: integers or 'full', got {args.rows}")
+    args.plot = args.plot or (args.out.parent if args.out else REPO / "bench" / "results") / "scaling.png"
+    return args
+
+
+# A fresh process per stage whose only child is the stage, so its RUSAGE_CHILDREN peak is the stage's
+# own. A process spawned from the benchmark itself would not do: Linux carries the spawning process's
+# high-water mark into the child's ru_maxrss across fork and exec (the benchmark holds torch: 300+ MiB;
+# the wrapper, about 10 MiB).
+RSS_WRAPPER = """import resource, subprocess, sys
+code = subprocess.call(sys.argv[1], shell=True, stdout=subprocess.DEVNULL)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+sys.exit(code)"""
+
+
+def measured_stage(root: Path, stage: str) -> dict:
+    """Run the stage's dvc.yaml command as flows.dvc_stages.execute_stage does (own process, this
+    interpreter first on PATH), inside RSS_WRAPPER."""
+    from flows.dvc_stages import stage_command
+
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               PYTHONPATH=str(REPO), CI="1")
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", RSS_WRAPPER, stage_command(root, stage)], cwd=root, env=env,
+                          stdout=subprocess.PIPE, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode:
+        sys.exit(f"stage {stage} failed (exit {done.returncode}) in {root}; its stderr is above")
+    result = stage_result(root, stage)
+    figures = {"stage_seconds": result["stage_seconds"], "wall_seconds": wall,
+               "process_peak_rss_bytes": int(done.stdout.split()[-1]) * 1024}  # Linux reports KiB
+    own_peak = 0  # the stage's own peak-RSS figure, where it reports one
+    if stage == "baseline":
+        figures |= {"train_peak_rss_bytes": result["peak_rss_bytes"], "train_memory_bytes": result["train_memory_bytes"],
+                    "train_seconds": result["train_seconds"]}
+        own_peak = result["peak_rss_bytes"]
+    if stage == "evaluate":
+        fp32 = json.loads((root / "metrics" / "fp32.json").read_text())["metrics"]
+        figures |= {f"fp32_{k}": fp32[k] for k in ("peak_rss_bytes", "serving_memory_bytes") if k in fp32}
+        own_peak = fp32.get("peak_rss_bytes", 0)
+    figures["peak_rss_bytes"] = max(figures["process_peak_rss_bytes"], own_peak)
+    return figures | ({"rows": result["rows"]} if stage == "prepare" else {})
+
+
+def run_point(length: int, rows: int | None) -> dict:
+    root = make_project(f"scaling-len{length}-rows{rows or 'full'}", 0,
+                        [f"data.max_rows={'null' if rows is None else rows}", f"model.max_length={length}"])
+    stages = {}
+    for stage in STAGES:
+        print(f"scaling: max_length {length}, rows {rows or 'full'}: {stage}", file=sys.stderr, flush=True)
+        stages[stage] = measured_stage(root, stage)
+    split_rows = stages["prepare"].pop("rows")
+    train_rows = split_rows["train"]
+    for figures in stages.values():
+        figures["seconds_per_1k_train_rows"] = figures["stage_seconds"] / (train_rows / 1000)
+    return {"max_length": length, "max_rows": rows, "train_rows": train_rows, "split_rows": split_rows, "stages": stages}
+
+
+def line_fit(x: list[float], y: list[float]) -> dict | None:
+    """Least-squares y = slope·x + intercept and its R² (None with fewer than 2 distinct x)."""
+    if len(set(x)) < 2:
+        return None
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = np.asarray(y) - (slope * np.asarray(x) + intercept)
+    total = float(np.sum((np.asarray(y) - np.mean(y)) ** 2))
+    r2 = 1.0 - float(np.sum(residual**2)) / total if total > 0 else 1.0
+    return {"slope_seconds_per_1k_rows": float(slope) * 1000, "intercept_seconds": float(intercept), "r2": r2}
+
+
+def derived(points: list[dict], lengths: list[int]) -> tuple[dict, dict]:
+    fits, spreads = {}, {}
+    for length in lengths:
+        series = [p for p in points if p["max_length"] == length]
+        x = [p["train_rows"] for p in series]
+        fits[length] = {s: line_fit(x, [p["stages"][s]["stage_seconds"] for p in series]) for s in STAGES}
+        rss = {s: [p["stages"][s]["peak_rss_bytes"] for p in series] for s in STAGES}
+        spreads[length] = {s: (max(v) - min(v)) / min(v) for s, v in rss.items()}
+    baseline_r2 = {length: fits[length]["baseline"] and fits[length]["baseline"]["r2"] for length in lengths}
+    targets = {
+        "time_linear": {
+            "criterion": f"baseline stage_seconds vs train rows: least-squares line with R² >= {R2_MIN}, per max length",
+            **{f"max_length_{n}": {"r2": r2, "met": r2 is not None and r2 >= R2_MIN} for n, r2 in baseline_r2.items()},
+        },
+        "rss_flat_within_15pct": {
+            "criterion": f"per stage and max length: (max - min) / min of peak_rss_bytes over the row counts <= {RSS_SPREAD_MAX}",
+            **{f"max_length_{n}": {s: {"rss_spread": v, "met": v <= RSS_SPREAD_MAX} for s, v in spreads[n].items()}
+               for n in lengths},
+        },
+    }
+    return {"linear_fit_stage_seconds_vs_train_rows": {f"max_length_{n}": f for n, f in fits.items()},
+            "rss_spread": {f"max_length_{n}": s for n, s in spreads.items()}}, targets
+
+
+def plot(points: list[dict], lengths: list[int], path: Path) -> None:
+    from lowbit.tables import plt, save_png
+
+    fig, (time_ax, rss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for length in lengths:
+        series = sorted((p for p in points if p["max_length"] == length), key=lambda p: p["train_rows"])
+        x = [p["train_rows"] for p in series]
+        for stage, marker in zip(STAGES, "os^"):
+            label = f"{stage}, max_length {length}"
+            time_ax.plot(x, [p["stages"][stage]["stage_seconds"] for p in series], marker=marker, label=label)
+            rss_ax.plot(x, [p["stages"][stage]["peak_rss_bytes"] / MIB for p in series], marker=marker, label=label)
+    for ax, ylabel in ((time_ax, "stage_seconds (s)"), (rss_ax, "peak RSS (MiB)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("training rows")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    rss_ax.set_ylim(bottom=0)
+    time_ax.legend(fontsize=7)
+    fig.suptitle("lowbit on SST-2: stage time and peak RSS vs training rows")
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def main() -> None:
+    args = parse_args()
+    require_sst2()
+    from lowbit.hardware import detect
+
+    points = [run_point(length, rows) for length in args.lengths for rows in args.rows]
+    figures, targets = derived(points, args.lengths)
+    plot(points, args.lengths, args.plot)
+    result = {
+        "benchmark": "scaling",
+        "data": (f"SST-2 (Socher et al., 2013) from {SST2}: train.tsv sampled with seed 0 to data.max_rows "
+                 "(null = all), 10% held out for validation, 1 epoch; test: 872 dev rows (seed 0)"),
+        "rows": ["full" if r is None else r for r in args.rows], "max_lengths": args.lengths, "stages": list(STAGES),
+        "torch": torch.__version__, "cpu": cpu_model(), "hardware": detect().describe(), "threads": torch.get_num_threads(),
+        "plot": str(args.plot), "points": points, **figures, "targets": targets,
+    }
+    emit(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
