@@ -61,8 +61,8 @@ def evaluate_model(
     labels = np.concatenate([batch.pop("labels").cpu().numpy() for batch in batches])
     forward = lambda batch: model(**batch).logits  # noqa: E731
     # The warm-up sees a full batch and the ragged last one: a compiled program compiles once per
-    # shape class, and a compile inside the timed pass (the last batch's, 20-50 s) once made
-    # int8_static_compiled read 0.5x fp32 on texts that fill max_length.
+    # shape class (Dynamo specializes a batch of 1), and a 15-30 s compile inside the timed pass
+    # turns a 3x speed-up into a slow-down (tests/unit/test_evaluation.py).
     for batch in [batches[0]] * params.warmup_batches + [batches[-1]]:
         forward(batch)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

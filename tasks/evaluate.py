@@ -37,9 +37,10 @@ from lowbit.statistics import paired_comparison
 from lowbit.variants import BASELINE, CARD
 from tasks.plumbing import RESULT_FILE, Paths, StageClock, excluded_stages, stage_main
 
-# What every child needs, imported once by the forkserver: a child then starts with a fork.
-# Libraries only some formats use (bitsandbytes, peft, Inductor) are imported by the child that
-# needs them, and count in its serving memory, as they would in a process serving that variant.
+# What every child needs, imported once by the forkserver (torch, transformers and, through them,
+# peft and bitsandbytes): a child then starts with a fork. What a format needs beyond that (e.g.
+# Inductor's compiler for the compiled program) is imported by its child and counts in its serving
+# memory, as it would in a process serving that variant.
 CHILD_IMPORTS = ["lowbit.evaluation"]
 
 

@@ -100,12 +100,8 @@ class CompiledClassifier(nn.Module):
         graphs_before = _compiled_graphs()
         started = time.perf_counter()
         # freezing folds the int8 weights into prepacked oneDNN kernels (inference only); it must be
-        # on while a call compiles: torch.compile(options=...) did not reach the weight-prepack pass.
-        # No duck shaping: by default Dynamo gives sizes that happen to be equal one symbol, so a
-        # batch of 64 texts of 64 tokens compiled a program guarded on batch == length, and every
-        # other batch of those texts compiled again.
-        with torch.no_grad(), torch._inductor.config.patch(freezing=True), \
-                torch.fx.experimental._config.patch(use_duck_shape=False):
+        # on while a call compiles: torch.compile(options=...) did not reach the weight-prepack pass
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
             out = self._compiled(**inputs)
         if _compiled_graphs() != graphs_before:  # this call compiled (a new shape class): count its time
             self.compile_seconds += time.perf_counter() - started
