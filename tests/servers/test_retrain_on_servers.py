@@ -183,7 +183,10 @@ def test_a_push_with_a_wrong_s3_secret_fails_clearly_in_bounded_time_and_loses_n
     before = {"dvc.lock": digest(root / "dvc.lock"), "models": sha256_tree(root / "models"),
               "versions": len(client.search_model_versions(f"name = '{MODEL}'"))}
     env = retrained.env | s3.env(AWS_SECRET_ACCESS_KEY="not-the-secret")
-    status, out, err, seconds = lowbit(root, "run", env=env, timeout=600)  # every stage up to date: then the push
+    # A param no DVC stage reads: every stage stays up to date, but this is not the recorded run
+    # (params hash), so the flow runs, logs, and pushes. With nothing changed at all, `lowbit run`
+    # would answer from the finished run that already pushed these outputs, and push nothing.
+    status, out, err, seconds = lowbit(root, "run", "-P", "runner.parallel=1", env=env, timeout=600)
     assert status == 2, f"{out[-2000:]}\n{err[-4000:]}"
     assert f"lowbit: error: dvc push to tracking.dvc_remote s3://{s3.bucket}/dvc (DVC remote 'lowbit' in .dvc/config.local) failed" in err
     assert "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL" in err
