@@ -93,11 +93,11 @@ def test_a_run_from_a_dirty_tree_is_refused_with_what_to_do(project, capsys):
 
 def test_params_that_were_not_committed_are_found_by_the_worktree_code_and_the_worktree_removed(project, capsys):
     # A clean tree, but the run's params came with an override that never reached params.yaml.
-    run_id = record_run(project, overrides=("baseline.epochs=2",))
+    run_id = record_run(project, overrides=("baseline.epochs=4",))
     workdir = project.parent / "elsewhere"
     assert reproduce(project, run_id, "--workdir", str(workdir)) == 2
     err = capsys.readouterr().err
-    committed, recorded = load_params(project / "params.yaml"), load_params(project / "params.yaml", ["baseline.epochs=2"])
+    committed, recorded = load_params(project / "params.yaml"), load_params(project / "params.yaml", ["baseline.epochs=4"])
     assert (f"params.yaml at the recorded commit hashes to {committed.digest()[:12]}, the run recorded "
             f"{recorded.digest()[:12]}: the run used params that were not committed") in err
     assert nothing_changed(project, workdir)  # the worktree made for the check is gone again
