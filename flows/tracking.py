@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from flows.mlflow_store import bound_http_waits, store_errors
-from lowbit.config import Params
+from lowbit.config import Params, flatten
 
 MAX_PARAM_CHARS = 6000
 
@@ -66,15 +66,6 @@ def dvc_output_of(outputs: dict[str, str], model_dir: str) -> tuple[str, str]:
         if model_dir == path or model_dir.startswith(path + "/"):
             return path, md5
     return "", ""
-
-
-def flatten(prefix: str, value: Any) -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, inner in value.items():
-            out |= flatten(f"{prefix}.{key}" if prefix else str(key), inner)
-        return out
-    return {prefix: value}
 
 
 def numeric_items(values: dict[str, Any]) -> dict[str, float]:

@@ -13,10 +13,9 @@ through the flow as before.
 
 from __future__ import annotations
 
-import hashlib
-
 from flows.dvc_stages import dvc_repo
 from lowbit.config import Params
+from lowbit.io import sha256_file
 from tasks.plumbing import Paths
 
 # Set on the parent MLflow run when a pipeline run finishes: the dvc.lock its outputs are recorded in.
@@ -25,7 +24,7 @@ LOCK_TAG = "lowbit.dvc_lock_sha256"
 
 def lock_digest(paths: Paths) -> str | None:
     lock = paths.root / "dvc.lock"
-    return hashlib.sha256(lock.read_bytes()).hexdigest() if lock.is_file() else None
+    return sha256_file(lock) if lock.is_file() else None
 
 
 def recorded_run(paths: Paths, params: Params) -> str | None:

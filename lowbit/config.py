@@ -346,15 +346,17 @@ def preset_overrides(root: str | Path, name: str) -> list[str]:
     raw = yaml.safe_load(path.read_text())
     if not isinstance(raw, dict):
         raise LowbitError(f"{path}: expected sections of params.yaml (e.g. `baseline: {{epochs: 3}}`), got {type(raw).__name__}")
-    return [f"{key}={json.dumps(value)}" for key, value in dotted_items(raw)]
+    return [f"{key}={json.dumps(value)}" for key, value in flatten("", raw).items()]
 
 
-def dotted_items(raw: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    items: list[tuple[str, Any]] = []
-    for key, value in raw.items():
-        name = f"{prefix}{key}"
-        items += dotted_items(value, name + ".") if isinstance(value, dict) else [(name, value)]
-    return items
+def flatten(prefix: str, value: Any) -> dict[str, Any]:
+    """Nested sections as dotted keys: flatten("", {"baseline": {"epochs": 2}}) == {"baseline.epochs": 2}."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, inner in value.items():
+            out |= flatten(f"{prefix}.{key}" if prefix else str(key), inner)
+        return out
+    return {prefix: value}
 
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any, path: Path | str) -> None:

@@ -21,8 +21,8 @@ from flows.compare import (
     PipelineRun, Selection, build_frame, differing_params, fetch_runs, parse_date, refuse_incomparable,
 )
 from flows.mlflow_store import HTTP_LIMITS, VariantRun
-from flows.tracking import Tracker, flatten
-from lowbit.config import Params, parse_override, read_yaml_mapping, set_dotted
+from flows.tracking import Tracker
+from lowbit.config import Params, flatten, parse_override, read_yaml_mapping, set_dotted
 from lowbit.errors import LowbitError
 from tests.conftest import REPO
 
