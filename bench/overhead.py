@@ -18,7 +18,6 @@ status and commit per stage, MLflow logging of the finished run into a fresh sto
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -28,12 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import WORK, emit
-from bench.runners import PRESETS, run_pipeline
+from bench.common import emit
+from bench.runners import fresh_project, preset_arguments, run_pipeline
 from lowbit.hardware import detect
 from tasks import STAGES
 from tasks.plumbing import Paths
-from tests.conftest import make_project
 
 PLAIN_SCRIPT = """
 import importlib, json, sys, time
@@ -123,15 +121,10 @@ tracker.finish("FINISHED")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=PRESETS, default="default", help="default: params.yaml; tiny: the integration tests' params")
-    parser.add_argument("--out", type=Path, help="also write the JSON here")
-    args = parser.parse_args()
+    args = preset_arguments(__doc__, default="default")
     runs = {}
     for name in ("plain", "lowbit"):
-        root = WORK / f"overhead-{args.preset}-{name}"
-        shutil.rmtree(root, ignore_errors=True)
-        root = make_project(root, PRESETS[args.preset])
+        root = fresh_project(f"overhead-{args.preset}-{name}", args.preset)
         cache = Path(tempfile.mkdtemp(prefix="inductor-"))
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)  # read by every process started from here on
         env = fresh_env()

@@ -47,16 +47,26 @@ def run_pipeline(root: Path, flags: list[str]) -> dict:
     return {"wall_s": round(wall, 1), "stages_run": ran, "stage_seconds": stage_seconds}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=PRESETS, default="tiny", help="tiny: the integration tests' params; default: params.yaml")
+def preset_arguments(doc: str, default: str) -> argparse.Namespace:
+    """--preset (tiny: the integration tests' params; default: params.yaml) and --out, for whole-pipeline benchmarks."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=PRESETS, default=default, help="tiny: the integration tests' params; default: params.yaml")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def fresh_project(name: str, preset: str) -> Path:
+    """A new git + DVC project under bench/.work (an earlier one of that name removed) with the preset's params."""
+    root = WORK / name
+    shutil.rmtree(root, ignore_errors=True)
+    return make_project(root, PRESETS[preset])
+
+
+def main() -> None:
+    args = preset_arguments(__doc__, default="tiny")
     runs = {}
     for name, flags in RUNNERS.items():
-        root = WORK / f"runners-{args.preset}-{name}"
-        shutil.rmtree(root, ignore_errors=True)
-        root = make_project(root, PRESETS[args.preset])
+        root = fresh_project(f"runners-{args.preset}-{name}", args.preset)
         runs[name] = run_pipeline(root, flags)
     emit({
         "benchmark": "runners", "preset": args.preset, "hardware": detect().describe(), "runs": runs,
