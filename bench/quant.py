@@ -34,6 +34,7 @@ def summarise(per_seed: list[dict[str, dict]]) -> dict:
     for name in per_seed[0]:
         runs = [seed[name]["metrics"] for seed in per_seed]
         fp32 = [seed["fp32"]["metrics"] for seed in per_seed]
+        speedups = [m["throughput_samples_s"] / f["throughput_samples_s"] for m, f in zip(runs, fp32)]
         variants[name] = {
             "accuracy": mean_std([m["accuracy"] for m in runs]),
             "accuracy_delta_points": mean_std([(m["accuracy"] - f["accuracy"]) * 100 for m, f in zip(runs, fp32)]),
@@ -44,8 +45,8 @@ def summarise(per_seed: list[dict[str, dict]]) -> dict:
             "latency_ms_p50_batch1": statistics.fmean(m["latency_ms_p50"] for m in runs),
             "throughput_samples_s_batch64": statistics.fmean(m["throughput_samples_s"] for m in runs),
             "latency_speedup_vs_fp32": statistics.fmean(f["latency_ms_p50"] / m["latency_ms_p50"] for m, f in zip(runs, fp32)),
-            "throughput_speedup_vs_fp32": statistics.fmean(m["throughput_samples_s"] / f["throughput_samples_s"] for m, f in zip(runs, fp32)),
-            "throughput_speedup_vs_fp32_per_seed": [m["throughput_samples_s"] / f["throughput_samples_s"] for m, f in zip(runs, fp32)],
+            "throughput_speedup_vs_fp32": statistics.fmean(speedups),
+            "throughput_speedup_vs_fp32_per_seed": speedups,
             "serving_memory_bytes": statistics.fmean(m["serving_memory_bytes"] for m in runs),
             "notes": per_seed[0][name].get("notes", []),
         }
