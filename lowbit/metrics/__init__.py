@@ -14,7 +14,7 @@ import evaluate
 import numpy as np
 
 METRICS_DIR = Path(__file__).resolve().parent
-METRIC_NAMES = ("accuracy", "f1_macro", "ece", "loss")
+METRIC_NAMES = ("accuracy", "f1_macro", "ece", "loss", "exact_match", "rouge_l", "chrf")
 
 
 @functools.cache
