@@ -49,7 +49,7 @@ def long_texts(source: Path, rows: int, max_length: int, seed: int = 0) -> pd.Da
     from lowbit.models import load_tokenizer, resolve_model
     from lowbit.config import ModelParams
 
-    tokenizer = load_tokenizer(resolve_model("embedded:minilm-l6"), ModelParams(name="embedded:minilm-l6", trust_remote_code=False,
+    tokenizer = load_tokenizer(resolve_model("embedded:minilm-l6"), ModelParams(task="sequence_classification", name="embedded:minilm-l6", trust_remote_code=False,
                                                                                    max_length=max_length))
     frame = pd.read_csv(source, sep="\t", quoting=3).sample(frac=1.0, random_state=seed)
     texts: list[dict] = []

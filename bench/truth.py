@@ -160,7 +160,7 @@ def memory_status() -> dict[str, int]:
 
 def load_data(project: Path):
     """What the evaluate stage's forkserver preloads, then the params and the splits it hands each child."""
-    import lowbit.evaluation  # noqa: F401  the forkserver's preload (tasks.evaluate.CHILD_IMPORTS)
+    import lowbit.evaluation  # noqa: F401  the forkserver's preload (tasks.evaluate.CHILD_IMPORTS, classifiers)
     import pandas as pd
     from lowbit.config import load_params
 

@@ -5,8 +5,9 @@
           [--runner threads|dask] [--parallel N] [--dask-address tcp://HOST:8786]
     lowbit stage prepare                              run one stage in this process
     lowbit sensitivity                                quantize one layer at a time, write reports/sensitivity.*
-    lowbit check                                      validate params.yaml and exit
+    lowbit check [--preset NAME]                      validate params.yaml (after writing a preset into it) and exit
     lowbit show                                       print the last report
+    lowbit gguf lora_merged [--qtype Q8_0 Q4_1]       causal LMs: export to GGUF, reload, print the test-loss gap
     lowbit compare [--last N | --run ID ...]          one table across MLflow runs and variants (CSV, Markdown, plot)
     lowbit reproduce RUN_ID [--workdir DIR] [--tolerance ABS] [--force]
                                                       re-create a run in a git worktree, compare its quality figures
@@ -61,8 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     stage = sub.add_parser("stage", help="run one stage in this process (what dvc.yaml's cmd does)")
     stage.add_argument("name", choices=STAGES)
     sub.add_parser("sensitivity", help="per-layer int8 sensitivity of models/baseline on the validation split")
-    sub.add_parser("check", help="validate params.yaml")
+    check = sub.add_parser("check", help="validate params.yaml")
+    check.add_argument("--preset", metavar="NAME", help="write presets/NAME.yaml's values into params.yaml first "
+                       "(then run single stages with `lowbit stage`, e.g. a 7B QLoRA on a GPU)")
     sub.add_parser("show", help="print the last report (reports/summary.md)")
+    gguf = sub.add_parser("gguf", help="export a causal LM variant to GGUF (llama.cpp), reload it, report its loss gap")
+    gguf.add_argument("variant", help="fp32, lora_merged, qlora_merged (an adapter variant exports its merged copy)")
+    gguf.add_argument("--qtype", nargs="+", default=["Q8_0", "Q4_1"], choices=["F32", "F16", "Q8_0", "Q4_1"])
     add_compare_arguments(sub.add_parser("compare", help="compare pipeline runs and their variants from MLflow"))
     add_reproduce_arguments(sub.add_parser("reproduce", help="re-create a past run in a git worktree and compare its figures"))
     retrain = sub.add_parser("retrain", help="re-read the data, run the pipeline, promote (what the schedule runs)")
@@ -106,12 +112,18 @@ def runner_choice(args: argparse.Namespace, params):
     return RunnerChoice.from_params(params.runner, args.runner, args.parallel, args.dask_address)
 
 
-def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
-    started = time.perf_counter()
-    overrides = (preset_overrides(paths.root, args.preset) if args.preset else []) + args.param
+def apply_overrides(paths: Paths, preset: str | None, params: list[str]) -> list[str]:
+    """Write a preset's values, then -P values, into params.yaml (validated first; printed); returns them."""
+    overrides = (preset_overrides(paths.root, preset) if preset else []) + params
     if overrides:
         for key, old, new in write_overrides(paths.params, overrides):
             print(f"params.yaml: {key}: {old!r} -> {new!r}")
+    return overrides
+
+
+def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
+    started = time.perf_counter()
+    overrides = apply_overrides(paths, args.preset, args.param)
     params = load_params(paths.params)  # fail on bad params before starting Prefect
     quiet_libraries()
     runner = runner_choice(args, params)
@@ -246,8 +258,20 @@ def cmd_sensitivity(args: argparse.Namespace, paths: Paths) -> int:
 
 
 def cmd_check(args: argparse.Namespace, paths: Paths) -> int:
+    apply_overrides(paths, args.preset, [])
     params = load_params(paths.params)
     print(f"{paths.params}: ok (params hash {params.digest()[:12]})")
+    return 0
+
+
+def cmd_gguf(args: argparse.Namespace, paths: Paths) -> int:
+    params = load_params(paths.params)
+    quiet_libraries()
+    from flows.gguf_export import export_variant
+
+    for row in export_variant(params, paths, args.variant, args.qtype):
+        print(f"{row['file']}: {row['bytes'] / 2**20:.1f} MiB, test loss {row['test_loss_gguf']:.4f} reloaded vs "
+              f"{row['test_loss_in_memory']:.4f} in memory (gap {row['loss_gap']:+.4f})")
     return 0
 
 
@@ -259,7 +283,7 @@ def cmd_show(args: argparse.Namespace, paths: Paths) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "stage": cmd_stage, "sensitivity": cmd_sensitivity, "check": cmd_check, "show": cmd_show,
+COMMANDS = {"run": cmd_run, "stage": cmd_stage, "sensitivity": cmd_sensitivity, "check": cmd_check, "show": cmd_show, "gguf": cmd_gguf,
             "retrain": cmd_retrain, "promote": cmd_promote, "rollback": cmd_rollback, "champion": cmd_champion,
             "schedule": cmd_schedule, "compare": compare_command, "reproduce": reproduce_command}
 

@@ -123,6 +123,8 @@ def pipeline(root: str = ".", force: bool = False, overrides: tuple[str, ...] = 
 def check_calibration_possible(paths: Paths, method: str) -> None:
     """evaluate.calibration is fitted on the val split: refuse one it cannot be fitted on now."""
     labels = read_json(paths.prepared / "meta.json")["labels"]
+    if not labels:  # a causal LM: next-token probabilities are not calibrated per class
+        return
     check_calibration_data(method, pd.read_parquet(paths.prepared / "val.parquet")["label"].to_numpy(), len(labels))
 
 

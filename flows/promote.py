@@ -204,6 +204,10 @@ def champion_metrics(registry: Registry, champion, digest: str, paths: Paths) ->
 def promote(paths: Paths, params: Params, run_id: str | None = None) -> Decision:
     """The promotion step on pipeline run `run_id` (default: the latest finished one)."""
     policy = params.promote  # validated at load: objective is a known metric, aliases usable
+    if params.model.task != "sequence_classification":
+        # eligibility, the gate and re-scoring a champion are defined on classification accuracy
+        raise LowbitError(f"promotion ranks classifiers (accuracy on a labelled test split); params.yaml model.task is "
+                          f"{params.model.task}: compare its variants in the report (reports/summary.md) instead")
     registry = Registry.open(params, paths.root)
     run = pipeline_run(registry.client, params.tracking.experiment, run_id)
     if run.info.status != "FINISHED":

@@ -104,7 +104,8 @@ def staged_adapter(adapter_dir: Path, base: str, into: Path) -> Path:
 def load_served_variant(artifacts: dict[str, str], settings: dict):
     """(model, tokenizer) of the logged variant, through lowbit's own loaders."""
     model_dir = Path(artifacts[MODEL])
-    params = ModelParams(**settings["model_params"])
+    # a model registered before task types existed is a classifier: its settings carry no `task`
+    params = ModelParams(**{"task": "sequence_classification", **settings["model_params"]})
     if settings["format"] != "peft":
         return load_variant(model_dir, params)
     base = artifacts.get(BASE_MODEL) or settings["base_model"]

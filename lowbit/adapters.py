@@ -1,12 +1,13 @@
 """LoRA and QLoRA through PEFT and bitsandbytes: construction, merge-aware export, loading.
 
 LoRA:  W = W0 + (alpha / r) · B · A, with W0 [d×k] frozen, B [d×r] zero-initialised and
-       A [r×k] trained; the classification head is trained in full (`modules_to_save`).
+       A [r×k] trained; a classifier's new head is trained in full (`modules_to_save`), a causal
+       LM's tied head is not (lowbit.task_types: HEAD, ADAPTER_TRAINED_IN_FULL).
 QLoRA: W0 held in 4-bit NF4 with double-quantized block scales (bitsandbytes), the
        matmul computed in bf16/fp16, adapters in full precision.
 
-    model = lora_model(base, params.lora)                       # PEFT-wrapped, only adapters + head trainable
-    model = lora_model(load_4bit_base(...), params.qlora)       # QLoRA
+    model = lora_model(base, params.lora, "lora", params.model.task)   # PEFT-wrapped, only adapters (+ head) trainable
+    model = lora_model(load_4bit_base(...), params.qlora, "qlora", params.model.task)   # QLoRA
     merged = merged_model(peft_model, fp32_base)                # W0 (dequantized for QLoRA) + (alpha/r)·B·A
 """
 
@@ -15,36 +16,33 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 
 from lowbit.config import LoraParams, ModelParams, QLoraParams
 from lowbit.errors import LowbitError
 from lowbit.hardware import detect, device_map, qlora_compute_dtype, training_optimizer
 from lowbit.io import read_json
-from lowbit.metrics import quality_metrics
-from lowbit.models import load_classifier, load_tokenizer, resolve_model, save_model
+from lowbit.models import load_tokenizer, resolve_model, save_model
 from lowbit.quant.ptq import quantizable_layers, quantize_int8
 from lowbit.quant.bnb import nf4_config, require_bitsandbytes, set_4bit_layouts
 from lowbit.quant.storage import save_int8
-from lowbit.train import predict_logits
+from lowbit.task_types import load_model, task_type
 from lowbit.variants import write_card
-
-HEAD = ["classifier"]  # BERT-style sequence classifiers; kept out of 4-bit and trained in full
-
 
 def linear_layer_names(model: nn.Module) -> list[str]:
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
 
 
-def lora_config(params: LoraParams) -> LoraConfig:
+def lora_config(params: LoraParams, task: str = "sequence_classification") -> LoraConfig:
+    kind = task_type(task)
     return LoraConfig(
-        task_type=TaskType.SEQ_CLS, r=params.r, lora_alpha=params.alpha, lora_dropout=params.dropout,
-        target_modules=params.target_modules, bias=params.bias, modules_to_save=HEAD,
+        task_type=kind.PEFT_TASK, r=params.r, lora_alpha=params.alpha, lora_dropout=params.dropout,
+        target_modules=params.target_modules, bias=params.bias, modules_to_save=kind.ADAPTER_TRAINED_IN_FULL,
     )
 
 
-def lora_model(base: nn.Module, params: LoraParams, section: str = "lora") -> PeftModel:
+def lora_model(base: nn.Module, params: LoraParams, section: str = "lora", task: str = "sequence_classification") -> PeftModel:
     if params.target_modules != "all-linear":
         names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
         if not names & set(params.target_modules):
@@ -52,15 +50,16 @@ def lora_model(base: nn.Module, params: LoraParams, section: str = "lora") -> Pe
                 f"params.yaml: {section}.target_modules: {params.target_modules} match no layer of the model; "
                 f"its linear layers are: {', '.join(linear_layer_names(base))} (or use all-linear)"
             )
-    return get_peft_model(base, lora_config(params))
+    return get_peft_model(base, lora_config(params, task))
 
 
-def load_4bit_base(source: str, model: ModelParams, labels: list[str], params: QLoraParams) -> nn.Module:
+def load_4bit_base(source: str, model: ModelParams, meta: dict, params: QLoraParams) -> nn.Module:
     """The pretrained model with every Linear but the head in NF4, ready for k-bit training."""
     require_bitsandbytes()
     caps = detect()
-    config = nf4_config(HEAD, qlora_compute_dtype(params.compute_dtype, caps)[0])
-    base = load_classifier(source, model, labels, quantization_config=config, device_map=device_map(caps))
+    kind = task_type(model)
+    config = nf4_config(kind.HEAD, qlora_compute_dtype(params.compute_dtype, caps)[0])
+    base = kind.load_pretrained(source, model, meta, quantization_config=config, device_map=device_map(caps))
     set_4bit_layouts(base, training=True)  # the validation passes between epochs must not repack it
     return prepare_model_for_kbit_training(base, use_gradient_checkpointing=params.gradient_checkpointing)
 
@@ -104,16 +103,17 @@ def merged_model(adapter_dir: Path, base: nn.Module, base_weights: dict[str, tor
 
 def load_adapter_model(path: Path, card: dict, model: ModelParams):
     """A saved adapter on its base: the fp32 pretrained model (LoRA) or the same in NF4 (QLoRA)."""
-    labels = card["labels"]
+    meta = {"labels": card["labels"]}
+    kind = task_type(model)
     source = resolve_model(card["base_model"])
     check_adapter_base(path, card)
     if card.get("base_quantization") == "nf4":
         require_bitsandbytes()
-        base = load_classifier(source, model, labels, quantization_config=nf4_config(HEAD, getattr(torch, card["compute_dtype"])),
-                               device_map=device_map(detect()))
+        config = nf4_config(kind.HEAD, getattr(torch, card["compute_dtype"]))
+        base = kind.load_pretrained(source, model, meta, quantization_config=config, device_map=device_map(detect()))
         set_4bit_layouts(base, training=False)
     else:
-        base = load_classifier(source, model, labels)
+        base = kind.load_pretrained(source, model, meta)
     return PeftModel.from_pretrained(base, str(path)).eval(), load_tokenizer(str(path), model)
 
 
@@ -128,22 +128,20 @@ def check_adapter_base(path: Path, card: dict) -> None:
         )
 
 
-def accuracy_on(model: nn.Module, loader) -> float:
-    return quality_metrics(*predict_logits(model, loader))["accuracy"]
-
-
 def requantize(
     merged: nn.Module, tokenizer, out: Path, variant: str, stage: str, how: str, model: ModelParams, info: dict
 ) -> None:
     """Save the merged model as fp32 (`none`), NF4 (bitsandbytes) or int8 (lowbit, dynamic W8A8)."""
+    head = task_type(model).HEAD
     if how == "int8":
-        layout = quantize_int8(merged, "dynamic", quantizable_layers(merged, HEAD, embeddings=True))
+        layout = quantize_int8(merged, "dynamic", quantizable_layers(merged, head, embeddings=True))
         save_int8(merged, tokenizer, out, variant, layout, ["adapters merged, then int8 (dynamic)"], stage=stage, **info)
         return
     save_model(merged, tokenizer, out)
     if how == "nf4":
-        nf4 = load_classifier(str(out), model, quantization_config=nf4_config(HEAD, torch.bfloat16), device_map="cpu")
+        nf4 = load_model(out, model, quantization_config=nf4_config(head, torch.bfloat16), device_map="cpu")
         save_model(nf4, tokenizer, out)
         write_card(out, variant, "bnb", stage, device="cpu", notes=["adapters merged, then NF4 (bitsandbytes)"], **info)
         return
-    write_card(out, variant, "hf", stage, notes=["adapters merged into fp32 weights"], **info)
+    into = "the dequantized NF4 weights they were trained against, in fp32" if stage == "qlora" else "fp32 weights"
+    write_card(out, variant, "hf", stage, notes=[f"adapters merged into {into}"], **info)

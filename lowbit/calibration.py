@@ -221,8 +221,13 @@ def reliability_bins(probabilities: np.ndarray, labels: np.ndarray, bins: int = 
     labels = np.asarray(labels)
     if probs.ndim != 2 or labels.shape != (len(probs),):
         raise ValueError(f"need probabilities [n, classes] and labels [n]; got {probs.shape} and {labels.shape}")
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == labels
+    return confidence_bins(probs.max(axis=1), probs.argmax(axis=1) == labels, bins)
+
+
+def confidence_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> list[dict]:
+    """reliability_bins from each prediction's confidence and whether it was right (a causal LM's
+    next-token predictions, where a probability row over the whole vocabulary is not kept)."""
+    confidence, correct = np.asarray(confidence, dtype=np.float64), np.asarray(correct, dtype=bool)
     index = confidence_bin(confidence, bins)
     out = []
     for b in range(bins):

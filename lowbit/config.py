@@ -32,6 +32,7 @@ class Section(BaseModel):
 
 
 class ModelParams(Section):
+    task: Literal["sequence_classification", "causal_lm"]  # the keys of lowbit.task_types.TASK_TYPES (a test checks)
     name: str = Field(min_length=1)
     trust_remote_code: bool
     max_length: int = Field(ge=8, le=8192)
@@ -48,6 +49,7 @@ class DataParams(Section):
     test_source: str | None
     max_rows: int | None = Field(ge=10)
     builtin_rows: int = Field(ge=60)
+    reverse: bool
     seed: int
 
     @model_validator(mode="after")
@@ -156,6 +158,8 @@ class EvaluateParams(Section):
     bootstrap_resamples: int = Field(ge=1, le=1_000_000)
     bootstrap_seed: int
     significance_level: float = Field(gt=0.0, lt=1.0)
+    generation_samples: int = Field(ge=1)
+    max_new_tokens: int = Field(ge=1, le=4096)
 
 
 class ReportParams(Section):

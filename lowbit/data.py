@@ -41,7 +41,9 @@ def load_source(source: str, data: DataParams, key: str = "data.source") -> pd.D
     if source.startswith("builtin:"):
         name = source.removeprefix("builtin:")
         if name not in BUILTIN_DATASETS:
-            raise LowbitError(f"params.yaml: {key}: unknown builtin dataset {name!r}; builtin: {', '.join(BUILTIN_DATASETS)}")
+            hint = "; builtin:instructions is instruction data: set model.task: causal_lm" if name == "instructions" else ""
+            raise LowbitError(f"params.yaml: {key}: unknown builtin dataset {name!r}; builtin: {', '.join(BUILTIN_DATASETS)}"
+                              + hint)
         return BUILTIN_DATASETS[name](data.builtin_rows, data.seed)
     if source.startswith("hf:"):
         frame = load_hub_dataset(source.removeprefix("hf:"), key)
@@ -95,6 +97,7 @@ def select_columns(frame: pd.DataFrame, data: DataParams, source: str) -> pd.Dat
             raise LowbitError(
                 f"{source}: column {column!r} (params.yaml {key}) not found; columns are: {', '.join(map(str, frame.columns))}"
                 + ("" if data.header else " (data.header is false: use positions)")
+                + (" (instruction records: set model.task: causal_lm)" if "instruction" in frame.columns else "")
             )
     return pd.DataFrame({"text": picked["text"].to_numpy(), "label": picked["label"].to_numpy()})
 
@@ -107,6 +110,7 @@ class CleanReport:
     dropped_duplicates: int = 0
     dropped_conflicting_labels: int = 0
     dropped_test_overlap: int = 0
+    dropped_too_long: int = 0  # causal_lm: examples over model.max_length (a cut target loses its end of turn)
     notes: list[str] = field(default_factory=list)
 
 
@@ -150,15 +154,8 @@ class Splits:
 def prepare_splits(data: DataParams, prep: PrepareParams) -> Splits:
     report = CleanReport()
     frame = clean(load_source(data.source, data), report)
-    test = None
-    if data.test_source:
-        test = clean(load_source(data.test_source, data, "data.test_source"), report)
-        overlap = frame["text"].isin(set(test["text"]))
-        report.dropped_test_overlap = int(overlap.sum())
-        frame = frame[~overlap].reset_index(drop=True)
-    if data.max_rows is not None and len(frame) > data.max_rows:
-        report.notes.append(f"sampled {data.max_rows} of {len(frame)} usable rows (data.max_rows)")
-        frame = frame.sample(n=data.max_rows, random_state=data.seed).reset_index(drop=True)
+    test = clean(load_source(data.test_source, data, "data.test_source"), report) if data.test_source else None
+    frame = outside_test_and_sampled(frame, test, "text", data, report)
     labels = label_names(pd.concat([frame["label"], test["label"]]) if test is not None else frame["label"], data.source)
     frame = encode_labels(frame, labels)
     if test is None:
@@ -172,6 +169,20 @@ def prepare_splits(data: DataParams, prep: PrepareParams) -> Splits:
         raise LowbitError(f"params.yaml: prepare.calib_size: {prep.calib_size} exceeds the {len(train)} training rows; lower it")
     calib = train.sample(n=prep.calib_size, random_state=data.seed).reset_index(drop=True)
     return Splits(train, val, test, calib, labels, report)
+
+
+def outside_test_and_sampled(frame: pd.DataFrame, test: pd.DataFrame | None, column: str, data: DataParams,
+                             report: CleanReport) -> pd.DataFrame:
+    """The training source without rows whose `column` is in the given test set (counted), then
+    data.max_rows of it sampled (seeded): shared by every task type's prepare."""
+    if test is not None:
+        overlap = frame[column].isin(set(test[column]))
+        report.dropped_test_overlap = int(overlap.sum())
+        frame = frame[~overlap].reset_index(drop=True)
+    if data.max_rows is not None and len(frame) > data.max_rows:
+        report.notes.append(f"sampled {data.max_rows} of {len(frame)} usable rows (data.max_rows)")
+        frame = frame.sample(n=data.max_rows, random_state=data.seed).reset_index(drop=True)
+    return frame
 
 
 def encode_labels(frame: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
@@ -199,7 +210,9 @@ def split_digest(frame: pd.DataFrame, labels: list[str]) -> str:
     scored the same examples. Computed from values, not the parquet bytes, which carry the
     writer's version."""
     digest = hashlib.sha256()
-    for text, label in zip(frame["text"], frame["label"]):
-        digest.update(json.dumps([str(text), labels[int(label)]]).encode())
+    # a causal LM's rows are (prompt, target): the same digest of its examples
+    rows = zip(frame["text"], (labels[int(i)] for i in frame["label"])) if labels else zip(frame["prompt"], frame["target"])
+    for first, second in rows:
+        digest.update(json.dumps([str(first), second]).encode())
         digest.update(b"\n")
     return digest.hexdigest()

@@ -34,16 +34,10 @@ from lowbit.measure import (
     bits_per_param, disk_bytes, latency_summary, quantized_weight_stats, time_calls, weight_bytes,
 )
 from lowbit.metrics import quality_metrics, softmax
-from lowbit.models import param_counts
+from lowbit.models import model_device, param_counts
 from lowbit.statistics import metric_intervals, point_metrics
-from lowbit.train import make_loader, predict_logits
+from lowbit.task_types.sequence_classification import make_loader, predict_logits
 from lowbit.variants import CARD
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 @torch.inference_mode()

@@ -21,23 +21,30 @@ from lowbit.adapters import load_adapter_model
 from lowbit.config import ModelParams
 from lowbit.errors import LowbitError
 from lowbit.io import read_json
-from lowbit.models import load_saved
+from lowbit.models import load_tokenizer, resolve_model
 from lowbit.quant.schemes import FORMATS as SCHEME_FORMATS
 from lowbit.quant.schemes import SCHEMES
-from lowbit.variants import BASELINE, CARD
+from lowbit.task_types import load_saved, task_type
+from lowbit.variants import BASELINE, CARD, ZERO_SHOT
 
 Loader = Callable[[Path, dict, ModelParams], tuple[torch.nn.Module, PreTrainedTokenizerBase]]
 
 
 def load_hf(path: Path, card: dict, model: ModelParams):
-    """A plain transformers classifier directory (safetensors), in the dtype it was saved in."""
+    """A plain transformers model directory (safetensors), in the dtype it was saved in."""
     return load_saved(path, model, dtype=getattr(torch, card.get("dtype", "float32")))
 
 
-LOADERS: dict[str, Loader] = {"hf": load_hf, "peft": load_adapter_model, **SCHEME_FORMATS}
+def load_pretrained(path: Path, card: dict, model: ModelParams):
+    """The model the card names (`base_model`), as published: a zero-shot row, no weights of its own."""
+    source = resolve_model(card["base_model"])
+    return task_type(model).load_pretrained(source, model), load_tokenizer(source, model)
+
+
+LOADERS: dict[str, Loader] = {"hf": load_hf, "peft": load_adapter_model, "pretrained": load_pretrained, **SCHEME_FORMATS}
 
 # Report order: the baseline, every scheme's variants in scheme order, then the training stages'.
-VARIANT_ORDER = [BASELINE, *(v for scheme in SCHEMES.values() for v in scheme.variants),
+VARIANT_ORDER = [BASELINE, ZERO_SHOT, *(v for scheme in SCHEMES.values() for v in scheme.variants),
                  "qat_int8", "lora", "lora_merged", "qlora", "qlora_merged"]
 
 

@@ -42,28 +42,30 @@ def build_summary(
     if not records:
         raise LowbitError("no evaluated variants: nothing to report")
     base = records[BASELINE]["metrics"] if BASELINE in records else None
+    first = next(iter(records.values()))
+    task, quality = first.get("task", "sequence_classification"), first.get("quality_metric", "accuracy")
     rows = []
     for variant in sorted(records, key=lambda v: (records[v].get("report_order", len(records)), v)):
         metrics = dict(records[variant]["metrics"])
-        metrics["accuracy_delta"] = (metrics["accuracy"] - base["accuracy"]) * 100.0 if base else None
+        metrics["accuracy_delta"] = (metrics[quality] - base[quality]) * 100.0 if base else None
         notes = list(records[variant].get("notes", []))
         if "compile_seconds" in metrics:  # measured in evaluate: what the speed figures do not include
             notes.append(f"compiled in {metrics['compile_seconds']:.1f} s (first calls of each shape; not in p50 or samples/s)")
-        rows.append({"variant": variant, "metrics": metrics, "notes": notes,
+        rows.append({"variant": variant, "metrics": metrics, "notes": notes, "samples": records[variant].get("samples"),
                      "reliability": records[variant].get("reliability"), "per_class": records[variant].get("per_class")})
-    front = pareto_front(rows)
+    front = pareto_front(rows, quality=quality)
     for row in rows:
         row["pareto"] = row["variant"] in front
-    return {"rows": rows, "sensitivity": sensitivity or [], "missing": missing or {},
-            "recommendation": recommendation(rows, base, max_accuracy_drop)}
+    return {"task": task, "quality_metric": quality, "rows": rows, "sensitivity": sensitivity or [],
+            "missing": missing or {}, "recommendation": recommendation(rows, base, max_accuracy_drop, quality)}
 
 
-def recommendation(rows: list[dict], base: dict | None, max_accuracy_drop: float) -> dict:
-    rule = (f"smallest weight_bytes (±{SAME_SIZE:.0%}) within {max_accuracy_drop:g} accuracy points of {BASELINE}, "
+def recommendation(rows: list[dict], base: dict | None, max_accuracy_drop: float, quality: str = "accuracy") -> dict:
+    rule = (f"smallest weight_bytes (±{SAME_SIZE:.0%}) within {max_accuracy_drop:g} {quality} points of {BASELINE}, "
             "then the most accurate (a difference from fp32 that is not significant counts as none), then the fastest")
     if base is None:
         return {"variant": None, "rule": rule, "why_none": f"no {BASELINE} baseline in this run to compare against"}
-    best, tied = recommend(rows, max_accuracy_drop, base["accuracy"])
+    best, tied = recommend(rows, max_accuracy_drop, base[quality], quality)
     return {"variant": best["variant"], "rule": rule,
             "weight_ratio_vs_fp32": best["metrics"]["weight_bytes"] / base["weight_bytes"],
             "accuracy_delta": best["metrics"]["accuracy_delta"],
@@ -78,24 +80,25 @@ def not_significant(row: dict) -> bool:
     return row["metrics"].get("accuracy_delta_significant") == 0.0
 
 
-def recommend(rows: list[dict], max_accuracy_drop: float, base_accuracy: float) -> tuple[dict, list[dict]]:
+def recommend(rows: list[dict], max_accuracy_drop: float, base_accuracy: float,
+              quality: str = "accuracy") -> tuple[dict, list[dict]]:
     """(the recommended row, the rows tied with it on size). Among those, a variant whose accuracy
     is not significantly different from fp32's ranks as exactly as accurate as fp32: a fraction of
     a point on a few hundred rows is noise, so it must not decide, and the latency does."""
     eligible = [r for r in rows if r["metrics"]["accuracy_delta"] >= -max_accuracy_drop]
     smallest = min(r["metrics"]["weight_bytes"] for r in eligible)
     tied = [r for r in eligible if r["metrics"]["weight_bytes"] <= smallest * (1 + SAME_SIZE)]
-    credited = lambda r: base_accuracy if not_significant(r) else r["metrics"]["accuracy"]  # noqa: E731
+    credited = lambda r: base_accuracy if not_significant(r) else r["metrics"][quality]  # noqa: E731
     return max(tied, key=lambda r: (credited(r), -r["metrics"]["latency_ms_p50"])), tied
 
 
-def pareto_front(rows: list[dict], memory: str = MEMORY) -> set[str]:
-    """Variants no other variant beats on both accuracy (higher) and the `memory` metric (lower)."""
+def pareto_front(rows: list[dict], memory: str = MEMORY, quality: str = "accuracy") -> set[str]:
+    """Variants no other variant beats on both `quality` (higher) and the `memory` metric (lower)."""
     def dominated(a: dict) -> bool:
         ma = a["metrics"]
         return any(
-            mb["accuracy"] >= ma["accuracy"] and mb[memory] <= ma[memory]
-            and (mb["accuracy"] > ma["accuracy"] or mb[memory] < ma[memory])
+            mb[quality] >= ma[quality] and mb[memory] <= ma[memory]
+            and (mb[quality] > ma[quality] or mb[memory] < ma[memory])
             for mb in (b["metrics"] for b in rows)
         )
     return {r["variant"] for r in rows if not dominated(r)}
@@ -109,18 +112,31 @@ COLUMNS = [  # (header, metric, format); accuracy and Δacc have cells of their 
 ]
 
 
+# A causal LM's columns: quality from teacher forcing and from the generated sample, then cost.
+GENERATIVE_COLUMNS = [
+    ("perplexity", "perplexity", "{:.3f}"), ("chrF [95% CI]", "chrf", "chrf"), ("ROUGE-L", "rouge_l", "{:.3f}"),
+    ("exact", "exact_match", "{:.3f}"), ("ends turn", "eot_share", "{:.2f}"), ("weight MiB", "weight_bytes", "mib"),
+    ("disk MiB", "disk_bytes", "mib"), ("serve MiB", MEMORY, "mib"), ("bits/param", "bits_per_param", "{:.2f}"),
+    ("ms/token p50", "latency_ms_p50", "{:.1f}"), ("tokens/s", "tokens_s", "{:.1f}"),
+]
+TABLES = {"sequence_classification": ("accuracy [95% CI]", "Δacc pts", COLUMNS),
+          "causal_lm": ("token acc [95% CI]", "Δtok-acc pts", GENERATIVE_COLUMNS)}
+
+
 def variants_table(summary: dict) -> str:
-    header = ["variant", "accuracy [95% CI]", "Δacc pts", *(h for h, _, _ in COLUMNS), "pareto"]
-    rows = [[row["variant"], accuracy_cell(row["metrics"]), delta_cell(row["metrics"]),
-             *(_fmt(row["metrics"].get(key), fmt, row["metrics"]) for _, key, fmt in COLUMNS), "*" if row["pareto"] else ""]
+    quality = summary.get("quality_metric", "accuracy")
+    quality_header, delta_header, columns = TABLES[summary.get("task", "sequence_classification")]
+    header = ["variant", quality_header, delta_header, *(h for h, _, _ in columns), "pareto"]
+    rows = [[row["variant"], accuracy_cell(row["metrics"], quality), delta_cell(row["metrics"]),
+             *(_fmt(row["metrics"].get(key), fmt, row["metrics"]) for _, key, fmt in columns), "*" if row["pareto"] else ""]
             for row in summary["rows"]]
     return markdown_table(header, rows)
 
 
-def accuracy_cell(metrics: dict) -> str:
-    if "accuracy_ci_low" not in metrics:
-        return f"{metrics['accuracy']:.4f}"
-    return f"{metrics['accuracy']:.4f} [{metrics['accuracy_ci_low']:.3f}, {metrics['accuracy_ci_high']:.3f}]"
+def accuracy_cell(metrics: dict, quality: str = "accuracy") -> str:
+    if f"{quality}_ci_low" not in metrics:
+        return f"{metrics[quality]:.4f}"
+    return f"{metrics[quality]:.4f} [{metrics[f'{quality}_ci_low']:.3f}, {metrics[f'{quality}_ci_high']:.3f}]"
 
 
 def delta_cell(metrics: dict) -> str:
@@ -135,6 +151,9 @@ def _fmt(value, fmt: str, metrics: dict | None = None) -> str:
         return "–"
     if fmt == "mib":
         return f"{value / MIB:.1f}"
+    if fmt == "chrf":
+        interval = metrics or {}
+        return f"{value:.1f}" + (f" [{interval['chrf_ci_low']:.1f}, {interval['chrf_ci_high']:.1f}]" if "chrf_ci_low" in interval else "")
     if fmt == "ece":
         after = (metrics or {}).get("ece_calibrated")
         return f"{value:.4f}" + (f" → {after:.4f}" if after is not None else "")
@@ -161,29 +180,67 @@ def missing_lines(missing: dict[str, dict]) -> list[str]:
     return lines
 
 
+CLASSIFIER_LEGEND = (
+    "accuracy [95% CI]: percentile interval of a seeded bootstrap over test rows. "
+    "Δacc pts = (accuracy − fp32 accuracy) × 100, on the same rows; † = significant by McNemar's exact test "
+    "(evaluate.significance_level). ece → cal: expected calibration error before → after the calibration fitted "
+    "on the validation split (evaluate.calibration). bits/param = 8 × weight_bytes / total_params (derived). "
+    "q bits = storage bits per quantized weight, scales included. "
+    "serve MiB = peak RSS of a process that loaded and evaluated only this variant − the same for one that "
+    "loaded no model (derived; order-independent). "
+    "Latency: batch of 1; samples/s: evaluation batch. pareto: no variant is both more accurate and smaller "
+    "to serve."
+)
+GENERATIVE_LEGEND = (
+    "token acc [95% CI]: share of the test targets' tokens (and end-of-turn token) the model ranks first, teacher-forced; "
+    "interval: seeded bootstrap over test examples. Δtok-acc pts = (token acc − fp32's) × 100. perplexity = exp(mean NLL "
+    "per target token) (derived). chrF (0-100, with its bootstrap interval), ROUGE-L and exact: greedy answers to the "
+    "first evaluate.generation_samples test prompts against the references; ends turn: share of those answers that "
+    "ended with the end-of-turn token within evaluate.max_new_tokens. zero_shot: the pretrained model, not fine-tuned. "
+    "serve MiB = peak RSS of a process that loaded and evaluated only this variant − the same for one that loaded no "
+    "model (derived). ms/token p50: a prompt's generation time over its new tokens (batch of 1, prefill included); "
+    "tokens/s: all new tokens over all generation time. pareto: no variant has both higher token accuracy and less "
+    "serving memory."
+)
+SAMPLES_SHOWN = 3
+
+
+def sample_lines(rows: list[dict]) -> list[str]:
+    """The first SAMPLES_SHOWN test prompts, each with its reference and every variant's answer side by side."""
+    with_samples = [r for r in rows if r.get("samples")]
+    if not with_samples:
+        return []
+    lines = ["", "Sample generations (greedy; the first test prompts; … = cut at evaluate.max_new_tokens):"]
+    for i, sample in enumerate(with_samples[0]["samples"][:SAMPLES_SHOWN]):
+        answers = [[r["variant"], one_line(r["samples"][i]["generation"]) + ("" if r["samples"][i]["ended"] else " …")]
+                   for r in with_samples if len(r["samples"]) > i]
+        lines += ["", f"**Prompt {i + 1}**: {one_line(sample['prompt'])}", "",
+                  markdown_table(["variant", "answer"], [["reference", one_line(sample["reference"])], *answers])]
+    return lines
+
+
+def one_line(text: str, limit: int = 160) -> str:
+    """A table cell: whitespace folded, pipes escaped, long text cut."""
+    flat = " ".join(str(text).split()).replace("|", "\\|")
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
 def markdown_report(summary: dict) -> str:
     notes = [f"- {row['variant']}: {note}" for row in summary["rows"] for note in row["notes"]]
     parts = ["# lowbit report", ""]
     if summary.get("missing"):
         parts += ["**Incomplete run**: these stages failed, so their variants are not in the table:",
                   *missing_lines(summary["missing"]), ""]
-    parts += [
-        variants_table(summary),
-        "",
-        recommendation_line(summary["recommendation"]),
-        "",
-        "accuracy [95% CI]: percentile interval of a seeded bootstrap over test rows. "
-        "Δacc pts = (accuracy − fp32 accuracy) × 100, on the same rows; † = significant by McNemar's exact test "
-        "(evaluate.significance_level). ece → cal: expected calibration error before → after the calibration fitted "
-        "on the validation split (evaluate.calibration). bits/param = 8 × weight_bytes / total_params (derived). "
-        "q bits = storage bits per quantized weight, scales included. "
-        "serve MiB = peak RSS of a process that loaded and evaluated only this variant − the same for one that "
-        "loaded no model (derived; order-independent). "
-        "Latency: batch of 1; samples/s: evaluation batch. pareto: no variant is both more accurate and smaller "
-        "to serve.",
-    ]
-    parts += ["", "Figures: pareto.png (accuracy vs memory), reliability.png (confidence vs accuracy per variant, "
-              "before and after calibration), confusion.png (per-class confusion per variant)."]
+    generative = summary.get("task") == "causal_lm"
+    parts += [variants_table(summary), "", recommendation_line(summary["recommendation"]), "",
+              GENERATIVE_LEGEND if generative else CLASSIFIER_LEGEND, ""]
+    if generative:
+        parts += ["Figures: pareto.png (token accuracy vs memory), reliability.png (next-token confidence vs accuracy "
+                  "per variant, target tokens), confusion.png (outcomes of the sample generations per variant)."]
+        parts += sample_lines(summary["rows"])
+    else:
+        parts += ["Figures: pareto.png (accuracy vs memory), reliability.png (confidence vs accuracy per variant, "
+                  "before and after calibration), confusion.png (per-class confusion per variant)."]
     if summary.get("sensitivity"):
         parts += ["", "Most quantization-sensitive layers (one layer int8 at a time, validation split; "
                   "candidates for ptq.skip_modules):", "", sensitivity_table(summary["sensitivity"][:10])]
@@ -211,17 +268,18 @@ def label_groups(points: list[tuple[str, float, float]]) -> list[tuple[list[str]
 
 def pareto_plot(summary: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    points = [(r["variant"], r["metrics"][MEMORY] / MIB, r["metrics"]["accuracy"]) for r in summary["rows"]]
+    quality = summary.get("quality_metric", "accuracy")
+    points = [(r["variant"], r["metrics"][MEMORY] / MIB, r["metrics"][quality]) for r in summary["rows"]]
     for row, (_, x, y) in zip(summary["rows"], points):
         on_front = row["pareto"]
         ax.scatter(x, y, color="tab:red" if on_front else "tab:blue", zorder=4 if on_front else 3)
     for names, x, y in label_groups(points):
         ax.annotate("\n".join(names), (x, y), textcoords="offset points", xytext=(5, 2), fontsize=7, va="top")
-    front = sorted((r["metrics"][MEMORY] / MIB, r["metrics"]["accuracy"]) for r in summary["rows"] if r["pareto"])
+    front = sorted((r["metrics"][MEMORY] / MIB, r["metrics"][quality]) for r in summary["rows"] if r["pareto"])
     ax.plot(*zip(*front), color="tab:red", linestyle="--", linewidth=1, label="Pareto front")
     ax.set_xlabel("serving_memory_bytes (MiB: peak RSS of the variant alone − import floor)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("lowbit: accuracy vs memory")
+    ax.set_ylabel(f"test {quality}")
+    ax.set_title(f"lowbit: {quality} vs memory")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -252,6 +310,24 @@ def confusion_plot(summary: dict, path: Path) -> None:
     save_png(fig, path)
 
 
+def generation_outcomes_plot(summary: dict, path: Path) -> None:
+    """A causal LM has no classes to confuse: per variant, the share of sample answers that match the
+    reference exactly, that end their turn, and their mean ROUGE-L and chrF/100, side by side."""
+    series = [("exact", "exact_match", 1.0), ("ends turn", "eot_share", 1.0), ("ROUGE-L", "rouge_l", 1.0),
+              ("chrF / 100", "chrf", 100.0)]
+    rows = summary["rows"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 3.6))
+    width = 0.8 / len(series)
+    for k, (label, key, scale) in enumerate(series):
+        ax.bar([i + k * width for i in range(len(rows))], [r["metrics"][key] / scale for r in rows], width, label=label)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], [r["variant"] for r in rows], rotation=45, ha="right",
+                  fontsize=7)
+    ax.set(ylim=(0, 1), ylabel="share / score", title="lowbit: outcomes of the sample generations per variant")
+    ax.legend(fontsize=7, ncol=4, loc="upper right")
+    fig.tight_layout()
+    save_png(fig, path)
+
+
 def write_report(summary: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     pareto_plot(summary, out_dir / "pareto.png")
@@ -259,6 +335,9 @@ def write_report(summary: dict, out_dir: Path) -> None:
     if not curves:  # dvc.yaml declares both figures: never leave an earlier run's in place
         raise LowbitError("the metrics hold no reliability bins or per-class counts; rerun the evaluate stage")
     reliability_diagram(curves, out_dir / "reliability.png")
-    confusion_plot(summary, out_dir / "confusion.png")
+    if summary.get("task") == "causal_lm":
+        generation_outcomes_plot(summary, out_dir / "confusion.png")
+    else:
+        confusion_plot(summary, out_dir / "confusion.png")
     atomic_write_text(out_dir / "summary.md", markdown_report(summary))
     write_json(out_dir / "summary.json", summary)

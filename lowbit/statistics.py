@@ -263,3 +263,31 @@ def paired_comparison(correct_variant: np.ndarray, correct_reference: np.ndarray
         "mcnemar_p_value": p_value,
         "significant": bool(p_value < alpha),
     }
+
+
+# -- ratios of sums (token-level figures of a causal LM) --------------------------------------
+
+
+def ratio_intervals(columns: dict[str, tuple[np.ndarray, np.ndarray]], resamples: int, seed: int,
+                    confidence: float = 0.95) -> dict[str, float]:
+    """Bootstrap intervals of sum(numerator) / sum(denominator) over rows, for each named column.
+
+    A causal LM's token accuracy and loss are ratios of per-example sums (correct tokens / target
+    tokens, NLL / target tokens): the example is what is resampled, as for a classifier's rows,
+    so long targets weigh as they do in the point value. A per-example mean (a sentence score)
+    is the same with a denominator of ones. Returns {"<name>_ci_low", "<name>_ci_high"}.
+    """
+    _check_resamples(resamples)
+    names = list(columns)
+    arrays = tuple(np.asarray(a, dtype=np.float64) for name in names for a in columns[name])
+    _check_rows(len(arrays[0]))
+
+    def statistic(*resampled, axis=-1):
+        return np.stack([np.sum(resampled[2 * i], axis=axis) / np.sum(resampled[2 * i + 1], axis=axis)
+                         for i in range(len(names))])
+
+    low, high = _percentile_interval(arrays, statistic, resamples, seed, confidence)
+    out: dict[str, float] = {}
+    for name, lo, hi in zip(names, low, high):
+        out[f"{name}_ci_low"], out[f"{name}_ci_high"] = float(lo), float(hi)
+    return out

@@ -22,7 +22,6 @@ from typing import Callable, Iterator
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
@@ -30,7 +29,7 @@ from lowbit.config import DeterminismParams, TrainParams
 from lowbit.errors import LowbitError
 from lowbit.hardware import Capabilities, determinism_environment
 from lowbit.measure import current_rss_bytes, peak_rss_bytes, release_free_heap, reset_peak_rss, weight_bytes
-from lowbit.metrics import quality_metrics
+from lowbit.task_types import task_type
 
 
 def progress_disabled() -> bool | None:
@@ -120,36 +119,6 @@ def nondeterministic_ops_named():
         ) from err
 
 
-def make_loader(
-    tokenizer: PreTrainedTokenizerBase, frame: pd.DataFrame, batch_size: int, max_length: int,
-    shuffle: bool = False, seed: int = 0,
-) -> DataLoader:
-    """Batches of tokenized texts, padded per batch (dynamic padding), with `labels`."""
-    rows = list(zip(frame["text"].tolist(), frame["label"].tolist()))
-
-    def collate(batch):
-        texts, labels = zip(*batch)
-        enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-        enc["labels"] = torch.tensor(labels, dtype=torch.long)
-        return enc
-
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
-
-
-@torch.no_grad()
-def predict_logits(model: torch.nn.Module, loader: DataLoader) -> tuple[np.ndarray, np.ndarray]:
-    """(logits [n, classes] float32, labels [n]) over a loader, model in eval mode."""
-    model.eval()
-    device = next(model.parameters()).device
-    logits, labels = [], []
-    for batch in loader:
-        labels.append(batch.pop("labels").numpy())
-        out = model(**{k: v.to(device) for k, v in batch.items()})
-        logits.append(out.logits.float().cpu().numpy())
-    return np.concatenate(logits), np.concatenate(labels)
-
-
 def trained_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What training changes: trainable parameters and buffers (e.g. QAT observer ranges).
 
@@ -201,14 +170,17 @@ class TrainResult:
 def train(
     model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, train_frame: pd.DataFrame, val_frame: pd.DataFrame,
     cfg: TrainParams, max_length: int, optimizer_factory: Callable | None = None,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[int], None] | None = None, task: str = "sequence_classification",
 ) -> TrainResult:
+    """`task` (params.yaml model.task) decides how examples are batched and what the validation score is:
+    accuracy for a classifier, target-token accuracy for a causal LM (lowbit.task_types)."""
+    kind = task_type(task)
     release_free_heap()  # what loading the model took and then freed is not counted as training memory
     reset_peak_rss()
     start_rss = current_rss_bytes()
     seed_everything(cfg.seed)
-    loader = make_loader(tokenizer, train_frame, cfg.batch_size, max_length, shuffle=True, seed=cfg.seed)
-    val_loader = make_loader(tokenizer, val_frame, cfg.batch_size * 2, max_length)
+    loader = kind.make_loader(tokenizer, train_frame, cfg.batch_size, max_length, shuffle=True, seed=cfg.seed)
+    val_loader = kind.make_loader(tokenizer, val_frame, cfg.batch_size * 2, max_length)
     params = [p for p in model.parameters() if p.requires_grad]
     make_optimizer = optimizer_factory or (lambda ps: torch.optim.AdamW(ps, lr=cfg.learning_rate, weight_decay=cfg.weight_decay))
     optimizer = make_optimizer(params)
@@ -231,12 +203,12 @@ def train(
                 state_bytes = training_state_bytes(model, optimizer)
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss.item())
-                samples += len(batch["labels"])
+                samples += len(batch["input_ids"])
                 step += 1
                 if on_step:
                     on_step(step)
             seconds += time.perf_counter() - epoch_start  # training only: validation is not in train_samples_s
-            val_accuracy = quality_metrics(*predict_logits(model, val_loader))["accuracy"]
+            val_accuracy = kind.validation_score(model, val_loader)
             history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": val_accuracy})
             if val_accuracy > best[0]:
                 best = (val_accuracy, epoch)

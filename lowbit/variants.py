@@ -14,6 +14,7 @@ from lowbit.io import write_json
 
 CARD = "lowbit_variant.json"
 BASELINE = "fp32"
+ZERO_SHOT = "zero_shot"  # causal_lm: the pretrained chat model as it is (format "pretrained": loaded from model.name)
 
 
 def write_card(model_dir: Path, variant: str, fmt: str, stage: str, **info) -> None:

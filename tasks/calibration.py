@@ -10,7 +10,7 @@ import pandas as pd
 from lowbit.config import Params
 from lowbit.errors import LowbitError
 from lowbit.models import load_tokenizer
-from lowbit.train import make_loader
+from lowbit.task_types import task_type
 from tasks.plumbing import Paths
 
 
@@ -24,4 +24,4 @@ def calib_batches(paths: Paths, params: Params) -> list:
         )
     tokenizer = load_tokenizer(str(paths.models / "baseline"), params.model)
     rows = calib.iloc[: params.ptq.calib_rows]
-    return list(make_loader(tokenizer, rows, params.ptq.calib_batch_size, params.model.max_length))
+    return list(task_type(params.model).make_loader(tokenizer, rows, params.ptq.calib_batch_size, params.model.max_length))

@@ -29,6 +29,7 @@ from lowbit.calibration import Calibrator
 from lowbit.config import Params
 from lowbit.errors import LowbitError
 from lowbit.evaluation import evaluate_saved_variant
+from lowbit.generation import evaluate_generative_variant
 from lowbit.formats import discover
 from lowbit.hardware import describe_environment, detect, evaluation_threads
 from lowbit.io import atomic_dir, read_json, write_json
@@ -41,7 +42,7 @@ from tasks.plumbing import RESULT_FILE, Paths, StageClock, excluded_stages, stag
 # peft and bitsandbytes): a child then starts with a fork. What a format needs beyond that (e.g.
 # Inductor's compiler for the compiled program) is imported by its child and counts in its serving
 # memory, as it would in a process serving that variant.
-CHILD_IMPORTS = ["lowbit.evaluation"]
+CHILD_IMPORTS = {"sequence_classification": ["lowbit.evaluation"], "causal_lm": ["lowbit.generation"]}
 
 
 def run(params: Params, paths: Paths) -> dict:
@@ -59,39 +60,48 @@ def run(params: Params, paths: Paths) -> dict:
         raise LowbitError(f"no model variants to evaluate under {paths.models}; run the baseline stage first (lowbit run)")
     test = pd.read_parquet(paths.prepared / "test.parquet")
     val = pd.read_parquet(paths.prepared / "val.parquet")
-    labels = read_json(paths.prepared / "meta.json")["labels"]
+    meta = read_json(paths.prepared / "meta.json")
     summary, reference = {}, None
     threads = torch.get_num_threads()
     with atomic_dir(paths.metrics) as out:
-        for variant, record, calibrator, predictions in measure_variants(variants, test, val, params, labels, threads):
-            correct = predictions == test["label"].to_numpy()
-            if variant == BASELINE:  # discover() yields it first: every other variant is compared with it
-                reference = correct
-            if reference is not None:
-                record["metrics"] |= compared_with_baseline(correct, reference, params)
+        for variant, record, calibrator, predictions in measure_variants(variants, test, val, params, meta, threads):
+            if predictions is not None:  # a classifier's: the paired test against fp32 on the same rows
+                correct = predictions == test["label"].to_numpy()
+                if variant == BASELINE:  # discover() yields it first: every other variant is compared with it
+                    reference = correct
+                if reference is not None:
+                    record["metrics"] |= compared_with_baseline(correct, reference, params)
             record["model_dir"] = str(variants[variant].relative_to(paths.root))  # a checkout elsewhere writes the same file
             record["threads"] = threads
             record["report_order"] = len(summary)  # discover() returns variants in report order
             write_json(out / f"{variant}.json", record)
-            write_json(out / "calibrators" / f"{variant}.json", calibrator.to_json())
-            summary[variant] = record["metrics"]["accuracy"]
-        result = {"accuracy": summary, "missing": missing, "hardware": describe_environment(),
+            if calibrator is not None:
+                write_json(out / "calibrators" / f"{variant}.json", calibrator.to_json())
+            summary[variant] = record["metrics"][record.get("quality_metric", "accuracy")]
+        quality = record.get("quality_metric", "accuracy")
+        result = {quality: summary, "missing": missing, "hardware": describe_environment(),
                   "stage_seconds": clock.seconds()}
         write_json(out / RESULT_FILE, result)
     return result
 
 
 def measure_variants(variants: dict[str, Path], test: pd.DataFrame, val: pd.DataFrame, params: Params,
-                     labels: list[str], threads: int) -> Iterator[tuple[str, dict, Calibrator, np.ndarray]]:
+                     meta: dict, threads: int) -> Iterator[tuple[str, dict, Calibrator | None, np.ndarray | None]]:
     """(variant, record, calibrator, test predictions) for each variant in turn, each measured in a
-    child process of its own, with the memory figures the module docstring defines."""
-    with Isolated(preload=CHILD_IMPORTS) as isolated:
+    child process of its own, with the memory figures the module docstring defines. A causal LM's
+    variants have no calibrator and no class predictions (None)."""
+    with Isolated(preload=CHILD_IMPORTS[params.model.task]) as isolated:
         floor = isolated.floor(test, val)
         for variant, model_dir in variants.items():
             print(f"evaluate: {variant} ({model_dir})", flush=True)
-            (record, calibrator, predictions), peak = isolated.call(
-                evaluate_saved_variant, variant, model_dir, test, val, params.evaluate, params.model, labels,
-                threads=threads)
+            if params.model.task == "causal_lm":
+                record, peak = isolated.call(evaluate_generative_variant, variant, model_dir, test, val, params.evaluate,
+                                             params.model, meta, threads=threads)
+                calibrator = predictions = None
+            else:
+                (record, calibrator, predictions), peak = isolated.call(
+                    evaluate_saved_variant, variant, model_dir, test, val, params.evaluate, params.model, meta["labels"],
+                    threads=threads)
             record["metrics"] |= {"peak_rss_bytes": peak, "import_floor_bytes": floor, "serving_memory_bytes": peak - floor}
             yield variant, record, calibrator, predictions
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from tasks.adapter_stage import run_adapter_stage
 from lowbit.config import Params
-from lowbit.models import load_classifier
+from lowbit.task_types import task_type
 from tasks.plumbing import Paths, stage_main
 
 
 def run(params: Params, paths: Paths) -> dict:
     return run_adapter_stage(
         "lora", params.lora, params, paths,
-        build_base=lambda source, labels: load_classifier(source, params.model, labels),
+        build_base=lambda source, meta: task_type(params.model).load_pretrained(source, params.model, meta),
     )
 
 

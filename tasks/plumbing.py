@@ -8,7 +8,6 @@ MLflow or DVC. Its result dict is also written next to its outputs
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time

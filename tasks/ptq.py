@@ -16,13 +16,15 @@ from lowbit.config import Params
 from lowbit.hardware import detect
 from lowbit.io import atomic_dir, write_json
 from lowbit.measure import peak_rss_bytes, reset_peak_rss
-from lowbit.models import load_saved
+from lowbit.task_types import load_saved
 from lowbit.quant.ptq import calibrate, linear_names, quantizable_layers
 from tasks.calibration import calib_batches
 from lowbit.quant.sensitivity import layer_sensitivity, write_sensitivity
 from lowbit.quant.scheme import SchemeContext
 from lowbit.quant.schemes import SCHEMES
-from lowbit.train import determinism, int8_inference_allowed, make_loader
+from lowbit.errors import LowbitError
+from lowbit.task_types.sequence_classification import make_loader
+from lowbit.train import determinism, int8_inference_allowed
 from tasks.plumbing import RESULT_FILE, Paths, StageClock, stage_main
 
 # ptq draws no random numbers from the global generators (the percentile observer samples with
@@ -44,6 +46,9 @@ def run_sensitivity(params: Params, paths: Paths, batches: list, out_dir) -> lis
 
 def run(params: Params, paths: Paths) -> dict:
     clock = StageClock()
+    if params.ptq.sensitivity and params.model.task != "sequence_classification":
+        raise LowbitError("params.yaml: ptq.sensitivity scores layers by classification accuracy; "
+                          f"set it to false for model.task {params.model.task}")
     reset_peak_rss()
     seconds, variants = {}, []
     # Calibration passes and the compiled scheme's Inductor kernels reduce in an order that can follow

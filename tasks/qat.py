@@ -14,7 +14,8 @@ import pandas as pd
 from lowbit.config import Params
 from lowbit.hardware import detect
 from lowbit.io import atomic_dir, write_json
-from lowbit.models import load_saved, param_counts
+from lowbit.models import param_counts
+from lowbit.task_types import load_saved
 from lowbit.quant.ptq import calibrate, linear_names, quantizable_layers
 from tasks.calibration import calib_batches
 from lowbit.quant.qat import convert_qat, freeze_observers, prepare_qat
@@ -45,6 +46,7 @@ def run(params: Params, paths: Paths) -> dict:
         fit = train(
             model, tokenizer, train_frame, pd.read_parquet(paths.prepared / "val.parquet"), cfg,
             params.model.max_length, on_step=lambda step: step == freeze_at and freeze_observers(model),
+            task=params.model.task,
         )
     trainable, total = param_counts(model)
     layout = convert_qat(model)

@@ -15,7 +15,7 @@ from tasks.plumbing import Paths, stage_main
 def run(params: Params, paths: Paths) -> dict:
     return run_adapter_stage(
         "qlora", params.qlora, params, paths,
-        build_base=lambda source, labels: load_4bit_base(source, params.model, labels, params.qlora),
+        build_base=lambda source, meta: load_4bit_base(source, params.model, meta, params.qlora),
     )
 
 

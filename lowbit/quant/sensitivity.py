@@ -21,7 +21,7 @@ from lowbit.metrics import quality_metrics
 from lowbit.quant.modules import Int8Embedding, Int8Linear
 from lowbit.quant.ptq import set_module
 from lowbit.tables import plt, save_png, sensitivity_table
-from lowbit.train import predict_logits
+from lowbit.task_types.sequence_classification import predict_logits
 
 
 def score(model: nn.Module, loader) -> dict[str, float]:

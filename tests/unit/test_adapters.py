@@ -12,10 +12,11 @@ from lowbit.config import LoraParams, ModelParams, QLoraParams
 from lowbit.errors import LowbitError
 from lowbit.io import write_json
 from lowbit.models import load_classifier, load_tokenizer, param_counts
-from lowbit.train import make_loader, predict_logits, train
+from lowbit.task_types.sequence_classification import make_loader, predict_logits
+from lowbit.train import train
 from tests.tiny_model import tiny_classifier_dir
 
-MODEL = ModelParams(name="tiny", trust_remote_code=False, max_length=32)
+MODEL = ModelParams(task="sequence_classification", name="tiny", trust_remote_code=False, max_length=32)
 LABELS = ["negative", "neutral", "positive"]
 COMMON = dict(r=4, alpha=8, dropout=0.0, target_modules=["query", "value"], bias="none", epochs=3,
               learning_rate=3e-2, batch_size=16, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, seed=0)
@@ -135,7 +136,7 @@ def test_a_merge_that_costs_more_than_allowed_fails_with_the_figures(monkeypatch
     import tasks.adapter_stage as stage
 
     scores = iter([0.90, 0.85])  # adapter model, then the merged copy reloaded from disk
-    monkeypatch.setattr(stage, "accuracy_on", lambda model, loader: next(scores))
+    monkeypatch.setattr(stage.task_type(params.model), "validation_score", lambda model, loader: next(scores))
     monkeypatch.setattr(stage, "load_variant", lambda path, model: (None, None))
     with pytest.raises(LowbitError) as err:
         stage.merge_check(object(), None, params, [], "qlora")

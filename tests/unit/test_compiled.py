@@ -12,11 +12,11 @@ from lowbit.models import load_classifier, load_tokenizer, param_counts
 from lowbit.quant.compiled import PROGRAM_FILE
 from lowbit.quant.scheme import SchemeContext
 from lowbit.quant.schemes import SCHEMES
-from lowbit.train import make_loader, predict_logits
+from lowbit.task_types.sequence_classification import make_loader, predict_logits
 from lowbit.formats import load_variant
 from tests.tiny_model import tiny_classifier_dir
 
-MODEL = ModelParams(name="tiny", trust_remote_code=False, max_length=32)
+MODEL = ModelParams(task="sequence_classification", name="tiny", trust_remote_code=False, max_length=32)
 
 
 @pytest.fixture(scope="module")

@@ -107,10 +107,11 @@ from lowbit.config import ModelParams, QLoraParams  # noqa: E402
 from lowbit.io import write_json  # noqa: E402
 from lowbit.models import load_tokenizer  # noqa: E402
 from lowbit.quant.bnb import set_4bit_layouts  # noqa: E402
-from lowbit.train import make_loader, predict_logits, train  # noqa: E402
+from lowbit.task_types.sequence_classification import make_loader, predict_logits  # noqa: E402
+from lowbit.train import train  # noqa: E402
 from tests.tiny_model import tiny_classifier_dir  # noqa: E402
 
-MODEL = ModelParams(name="tiny", trust_remote_code=False, max_length=32)
+MODEL = ModelParams(task="sequence_classification", name="tiny", trust_remote_code=False, max_length=32)
 LABELS = ["negative", "neutral", "positive"]
 
 

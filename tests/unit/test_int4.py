@@ -13,10 +13,10 @@ from lowbit.models import load_tokenizer
 from lowbit.quant.scheme import SchemeContext
 from lowbit.quant.schemes import SCHEMES
 from lowbit.quant.schemes.int4 import Int4Linear, group_size_for
-from lowbit.train import make_loader, predict_logits
+from lowbit.task_types.sequence_classification import make_loader, predict_logits
 from tests.tiny_model import tiny_classifier_dir
 
-MODEL = ModelParams(name="tiny", trust_remote_code=False, max_length=32)
+MODEL = ModelParams(task="sequence_classification", name="tiny", trust_remote_code=False, max_length=32)
 
 
 @pytest.mark.parametrize("width, requested, group", [(384, 128, 128), (1536, 128, 128), (96, 128, 96), (200, 128, 100),

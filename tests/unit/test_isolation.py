@@ -38,7 +38,7 @@ def kill_myself() -> None:
 
 @pytest.fixture(scope="module")
 def isolated():
-    with Isolated(preload=CHILD_IMPORTS) as pool:
+    with Isolated(preload=CHILD_IMPORTS["sequence_classification"]) as pool:
         yield pool
 
 
@@ -59,7 +59,7 @@ def test_a_childs_error_is_raised_in_the_caller(isolated):
 
 
 def test_a_killed_child_gives_a_clear_error_instead_of_a_broken_pool_traceback():
-    with Isolated(preload=CHILD_IMPORTS) as pool:
+    with Isolated(preload=CHILD_IMPORTS["sequence_classification"]) as pool:
         with pytest.raises(LowbitError, match=r"child process running kill_myself\(\) died before answering.*dmesg"):
             pool.call(kill_myself)
 
@@ -70,7 +70,7 @@ def two_variants(tmp_path_factory):
     root = tmp_path_factory.mktemp("variants")
     fp32 = tiny_classifier_dir(root / "baseline", num_labels=2, hidden_size=128)
     write_card(fp32, variant="fp32", fmt="hf", stage="baseline")
-    model = ModelParams(name="tiny", trust_remote_code=False, max_length=32)
+    model = ModelParams(task="sequence_classification", name="tiny", trust_remote_code=False, max_length=32)
     SCHEMES["nf4"].build(SchemeContext(fp32, root / "ptq", model, ["classifier"], True, [], 99.9, 128, list))
     return {"fp32": fp32, "ptq_nf4": root / "ptq" / "ptq_nf4"}
 
@@ -83,7 +83,7 @@ def test_each_variants_memory_is_the_same_in_either_evaluation_order(two_variant
     figures = {}
     for order in (["fp32", "ptq_nf4"], ["ptq_nf4", "fp32"]):
         variants = {name: two_variants[name] for name in order}
-        for variant, record, _, _ in measure_variants(variants, test, test, params, ["neg", "pos"], threads=1):
+        for variant, record, _, _ in measure_variants(variants, test, test, params, {"labels": ["neg", "pos"]}, threads=1):
             figures.setdefault(variant, []).append(record["metrics"])
     for variant, (first, second) in figures.items():
         # stated tolerance: 2 MiB or 5%, whichever is larger (allocator and page-fault granularity)

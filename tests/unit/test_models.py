@@ -9,7 +9,7 @@ from lowbit.errors import LowbitError
 from lowbit.models import load_classifier, param_counts, resolve_model
 from tests.tiny_model import tiny_classifier_dir
 
-MODEL = ModelParams(name="embedded:minilm-l6", trust_remote_code=False, max_length=32)
+MODEL = ModelParams(task="sequence_classification", name="embedded:minilm-l6", trust_remote_code=False, max_length=32)
 
 
 def test_embedded_minilm_resolves_to_a_safetensors_directory():

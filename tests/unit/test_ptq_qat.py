@@ -13,11 +13,12 @@ from lowbit.quant.ptq import calibrate, linear_names, quantizable_layers
 from lowbit.quant.qat import FakeQuantLinear, convert_qat, freeze_observers, prepare_qat
 from lowbit.quant.scheme import SchemeContext
 from lowbit.quant.schemes import SCHEMES
-from lowbit.train import make_loader, predict_logits, train
+from lowbit.task_types.sequence_classification import make_loader, predict_logits
+from lowbit.train import train
 from lowbit.formats import discover, load_variant
 from tests.tiny_model import tiny_classifier_dir
 
-MODEL = ModelParams(name="tiny", trust_remote_code=False, max_length=32)
+MODEL = ModelParams(task="sequence_classification", name="tiny", trust_remote_code=False, max_length=32)
 
 
 @pytest.fixture(scope="module")

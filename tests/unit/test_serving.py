@@ -37,11 +37,11 @@ from lowbit.io import read_json, write_json
 from lowbit.models import load_classifier, load_tokenizer, resolve_model
 from lowbit.quant.scheme import SchemeContext
 from lowbit.quant.schemes import SCHEMES
-from lowbit.train import make_loader
+from lowbit.task_types.sequence_classification import make_loader
 from lowbit.variants import write_card
 from tests.tiny_model import tiny_classifier_dir
 
-MODEL = ModelParams(name="tiny", trust_remote_code=False, max_length=32)
+MODEL = ModelParams(task="sequence_classification", name="tiny", trust_remote_code=False, max_length=32)
 LABELS = ["negative", "neutral", "positive"]
 ADAPTER = dict(r=4, alpha=8, dropout=0.0, target_modules=["query", "value"], bias="none", epochs=1,
                learning_rate=1e-2, batch_size=16, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, seed=0)

@@ -5,10 +5,11 @@ from lowbit.builtin_data import generate_reviews
 from lowbit.config import ModelParams, TrainParams
 from lowbit.measure import weight_bytes
 from lowbit.models import load_classifier, load_tokenizer
-from lowbit.train import make_loader, predict_logits, train
+from lowbit.task_types.sequence_classification import make_loader, predict_logits
+from lowbit.train import train
 from tests.tiny_model import tiny_classifier_dir
 
-MODEL = ModelParams(name="tiny", trust_remote_code=False, max_length=32)
+MODEL = ModelParams(task="sequence_classification", name="tiny", trust_remote_code=False, max_length=32)
 
 
 def frames():

@@ -13,7 +13,8 @@ import torch
 from transformers import BitsAndBytesConfig
 
 from lowbit.hardware import detect, device_map
-from lowbit.models import load_classifier, load_saved, load_tokenizer, save_model
+from lowbit.models import load_tokenizer, save_model
+from lowbit.task_types import load_model, load_saved
 from lowbit.quant.bnb import llm_int8_config, nf4_config, require_bitsandbytes, set_4bit_layouts
 from lowbit.quant.scheme import Scheme, SchemeContext, skip_note
 from lowbit.variants import write_card
@@ -38,7 +39,7 @@ def quantized_with(variant: str, config: Callable[[list[str]], BitsAndBytesConfi
 
 def load_bnb(path: Path, card: dict, model: ModelParams):
     require_bitsandbytes()
-    net = load_classifier(str(path), model, device_map=device_map(detect()))
+    net = load_model(path, model, device_map=device_map(detect()))
     set_4bit_layouts(net, training=False)
     return net, load_tokenizer(str(path), model)
 

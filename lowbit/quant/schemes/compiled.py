@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from lowbit.models import load_saved, load_tokenizer
+from lowbit.models import load_tokenizer
+from lowbit.task_types import load_saved
 from lowbit.quant.compiled import PROGRAM_FILE, load_program, quantize_pt2e
 from lowbit.quant.scheme import Scheme, SchemeContext, embedding_note, skip_note
 from lowbit.variants import write_card

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.models import load_saved, save_model
+from lowbit.models import save_model
+from lowbit.task_types import load_saved
 from lowbit.quant.scheme import Scheme, SchemeContext
 from lowbit.variants import write_card
 

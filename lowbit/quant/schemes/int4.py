@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.models import load_saved
+from lowbit.task_types import load_saved
 from lowbit.quant.affine import INT4, pack_int4, quantize_tensor, unpack_int4
 from lowbit.quant.modules import Int8Embedding
 from lowbit.quant.ptq import int8_shell, quantizable_layers, set_module

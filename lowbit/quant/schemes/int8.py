@@ -5,7 +5,7 @@ Saved in the `int8` storage format (lowbit.quant.storage), which qat and merged 
 
 from __future__ import annotations
 
-from lowbit.models import load_saved
+from lowbit.task_types import load_saved
 from lowbit.quant.storage import load_int8, save_int8
 from lowbit.quant.ptq import calibrate, linear_names, quantizable_layers, quantize_int8
 from lowbit.quant.scheme import Scheme, SchemeContext, embedding_note, skip_note
