@@ -94,7 +94,7 @@ def test_qlora_base_is_nf4_with_double_quantization_and_merges_into_its_dequanti
     import bitsandbytes as bnb
 
     tokenizer = load_tokenizer(str(tiny_dir), MODEL)
-    model = lora_model(load_4bit_base(str(tiny_dir), MODEL, LABELS, QLORA), QLORA, "qlora")
+    model = lora_model(load_4bit_base(str(tiny_dir), MODEL, {"labels": LABELS}, QLORA), QLORA, "qlora")
     base_query = model.base_model.model.bert.encoder.layer[0].attention.self.query.base_layer
     assert isinstance(base_query, bnb.nn.Linear4bit)
     state = base_query.weight.quant_state

@@ -12,7 +12,7 @@ from lowbit.errors import LowbitError
 
 def data_params(**overrides) -> DataParams:
     base = dict(source="builtin:reviews", header=True, text_column="text", label_column="label", test_source=None,
-                max_rows=None, builtin_rows=600, seed=0)
+                max_rows=None, builtin_rows=600, reverse=False, seed=0)
     return DataParams(**(base | overrides))
 
 

@@ -141,7 +141,7 @@ def mean_loss(model, tokenizer, frame) -> float:
 def test_qlora_trains_saves_reloads_and_evaluates_in_every_compute_dtype(dtype, wide_dir, frame, tmp_path):
     params = qlora_params(dtype)
     tokenizer = load_tokenizer(str(wide_dir), MODEL)
-    model = lora_model(load_4bit_base(str(wide_dir), MODEL, LABELS, params), params, "qlora")
+    model = lora_model(load_4bit_base(str(wide_dir), MODEL, {"labels": LABELS}, params), params, "qlora")
     train_rows, val_rows = frame.iloc[:128], frame.iloc[128:]
     before = mean_loss(model, tokenizer, train_rows)  # an eval-mode call without grad, before any training step
     result = train(model, tokenizer, train_rows, val_rows, params, 32)  # validates between its two epochs
@@ -172,7 +172,7 @@ def test_set_4bit_layouts_applies_the_decision_to_each_layer(has_kernel, wide_di
     import bitsandbytes as bnb
 
     monkeypatch.setattr(bnb.functional, "has_avx512bf16", lambda: has_kernel)
-    model = load_4bit_base(str(wide_dir), MODEL, LABELS, qlora_params("float32"))
+    model = load_4bit_base(str(wide_dir), MODEL, {"labels": LABELS}, qlora_params("float32"))
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)  # loaded for training
     allowed = set_4bit_layouts(model, training=False)

@@ -86,7 +86,7 @@ def adapter_variant(variant: str, base_of, nf4: bool = False):
         if nf4:
             params = QLoraParams(**ADAPTER, compute_dtype="float32", gradient_checkpointing=False,
                                  requantize_merged="none")
-            model = lora_model(load_4bit_base(source, MODEL, LABELS, params), params, "qlora")
+            model = lora_model(load_4bit_base(source, MODEL, {"labels": LABELS}, params), params, "qlora")
         else:
             model = lora_model(load_classifier(source, MODEL, LABELS), LoraParams(**ADAPTER))
         torch.manual_seed(1)
