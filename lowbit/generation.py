@@ -31,7 +31,7 @@ from lowbit.config import EvaluateParams, ModelParams
 from lowbit.formats import load_variant
 from lowbit.io import read_json
 from lowbit.measure import bits_per_param, disk_bytes, quantized_weight_stats, weight_bytes
-from lowbit.metrics.generation import generation_metrics, per_example_scores
+from lowbit.metrics.generation import chrf_interval, generation_metrics
 from lowbit.models import model_device, param_counts, resolve_model
 from lowbit.statistics import ratio_intervals
 from lowbit.task_types.causal_lm import end_of_turn_id, make_loader, prompt_ids, score_examples
@@ -71,18 +71,15 @@ def evaluate_generative_model(model, tokenizer, test_frame: pd.DataFrame, params
     prompts, references = sample["prompt"].tolist(), sample["target"].tolist()
     generate_answers(model, tokenizer, prompts[:1], 2)  # warm-up: first-call allocations are not a token's latency
     answers, ended, counts, seconds = generate_answers(model, tokenizer, prompts, params.max_new_tokens)
-    per_example = per_example_scores(answers, references)
     metrics |= generation_metrics(answers, references)
     metrics |= {"eot_share": float(np.mean(ended)), "tokens_s": float(counts.sum() / seconds.sum()),
                 "latency_ms_p50": float(np.percentile(1000 * seconds / np.maximum(counts, 1), 50)),
                 "latency_ms_p95": float(np.percentile(1000 * seconds / np.maximum(counts, 1), 95)),
                 "generated_tokens": int(counts.sum()), "n_generated": len(prompts)}
-    ones = np.ones(len(test_frame))
     columns = {"token_accuracy": (sums["correct"], sums["tokens"]), "loss": (sums["nll"], sums["tokens"])}
     intervals = ratio_intervals(columns, params.bootstrap_resamples, params.bootstrap_seed)
-    if len(answers) >= 2:
-        intervals |= ratio_intervals({"chrf": (np.asarray(per_example["chrf"]), ones[: len(answers)])},
-                                     params.bootstrap_resamples, params.bootstrap_seed)
+    intervals["chrf_ci_low"], intervals["chrf_ci_high"] = chrf_interval(answers, references, params.bootstrap_resamples,
+                                                                        params.bootstrap_seed)
     intervals |= {"perplexity_ci_low": math.exp(intervals["loss_ci_low"]), "perplexity_ci_high": math.exp(intervals["loss_ci_high"])}
     metrics |= intervals
     reliability = {"before": confidence_bins(sums["token_confidence"], sums["token_correct"])}

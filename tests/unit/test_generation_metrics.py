@@ -2,7 +2,7 @@ import pytest
 
 from lowbit.metrics import load_metric
 from lowbit.metrics.chrf import chrf_statistics, corpus_chrf, sentence_chrf
-from lowbit.metrics.generation import generation_metrics, per_example_scores
+from lowbit.metrics.generation import chrf_interval, generation_metrics
 from lowbit.metrics.rouge_l import rouge_l_f, tokenize
 
 # Reference values computed with the real libraries in a throwaway venv (not project dependencies):
@@ -75,17 +75,17 @@ def test_exact_match_strips_surrounding_whitespace_only():
     assert out == {"exact_match": 0.5}
 
 
-def test_per_example_scores_line_up_with_the_pairs():
+def test_chrf_interval_is_a_bootstrap_of_the_corpus_score():
     preds, refs = [p for p, *_ in REFERENCE_PAIRS], [r for _, r, *_ in REFERENCE_PAIRS]
-    per = per_example_scores(preds, refs)
-    assert per["exact_match"] == [1.0] + [0.0] * 7
-    assert per["rouge_l"] == pytest.approx([r for *_, r, _ in REFERENCE_PAIRS], abs=TOL)
-    assert per["chrf"] == pytest.approx([c for *_, c in REFERENCE_PAIRS], abs=TOL)
-    assert sum(per["rouge_l"]) / len(preds) == pytest.approx(generation_metrics(preds, refs)["rouge_l"])
+    corpus = generation_metrics(preds, refs)["chrf"]
+    low, high = chrf_interval(preds, refs, resamples=2000, seed=0)
+    assert low < corpus < high and high - low > 5.0  # eight varied pairs: a wide interval around the corpus value
+    assert chrf_interval(preds, refs, resamples=2000, seed=0) == (low, high)  # seeded
+    assert chrf_interval(preds[:1] * 4, refs[:1] * 4, resamples=200, seed=0) == (100.0, 100.0)  # identical pairs
 
 
 def test_mismatched_or_empty_inputs_are_refused():
     with pytest.raises(ValueError, match="2 predictions for 1 references"):
         generation_metrics(["a", "b"], ["a"])
     with pytest.raises(ValueError, match="no predictions"):
-        per_example_scores([], [])
+        chrf_interval([], [], resamples=10, seed=0)
