@@ -3,7 +3,9 @@
     summary = build_summary(records, max_accuracy_drop=1.0)
     write_report(summary, Path("reports"))
 
-`accuracy_delta` = (variant accuracy − fp32 accuracy) × 100, in points.
+`accuracy_delta` = (variant accuracy − fp32 accuracy) × 100, in points. "Accuracy" is the records'
+`quality_metric`: a classifier's accuracy, a causal LM's token_accuracy (lowbit/generation.py), whose
+table has its own columns (GENERATIVE_COLUMNS) and a section of sample generations side by side.
 The recommendation is the variant with the smallest `weight_bytes` (sizes within 1% are
 a tie) whose accuracy is within `max_accuracy_drop` points of fp32; among ties the most
 accurate, where a variant not significantly different from fp32 (the evaluate stage's
