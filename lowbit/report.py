@@ -204,16 +204,16 @@ GENERATIVE_LEGEND = (
     "tokens/s: all new tokens over all generation time. pareto: no variant has both higher token accuracy and less "
     "serving memory."
 )
-SAMPLES_SHOWN = 3
 
 
 def sample_lines(rows: list[dict]) -> list[str]:
-    """The first SAMPLES_SHOWN test prompts, each with its reference and every variant's answer side by side."""
+    """The test prompts whose generations the records keep (lowbit.generation.SAMPLES_IN_REPORT), each with its
+    reference and every variant's answer side by side."""
     with_samples = [r for r in rows if r.get("samples")]
     if not with_samples:
         return []
     lines = ["", "Sample generations (greedy; the first test prompts; … = cut at evaluate.max_new_tokens):"]
-    for i, sample in enumerate(with_samples[0]["samples"][:SAMPLES_SHOWN]):
+    for i, sample in enumerate(with_samples[0]["samples"]):
         answers = [[r["variant"], one_line(r["samples"][i]["generation"]) + ("" if r["samples"][i]["ended"] else " …")]
                    for r in with_samples if len(r["samples"]) > i]
         lines += ["", f"**Prompt {i + 1}**: {one_line(sample['prompt'])}", "",
