@@ -1,9 +1,10 @@
 """Running a dvc.yaml stage from Prefect so that DVC and the flow agree.
 
 A Prefect task runs a stage only when DVC says it changed (or when forced), by
-executing the stage's own `cmd` from dvc.yaml in a subprocess (identical code,
-fresh memory for each stage), then `dvc commit`s it: dvc.lock and the DVC cache
-end up exactly as after `dvc repro`, so `dvc status` is clean after `lowbit run`.
+executing the stage's own `cmd` from dvc.yaml in a process of its own (identical code,
+fresh memory for each stage: forked from the warm stage host of flows/stage_host.py, or a
+subprocess), then `dvc commit`s it: dvc.lock and the DVC cache end up exactly as after
+`dvc repro`, so `dvc status` is clean after `lowbit run`.
 DVC calls are serialised: branches of the flow may run concurrently, DVC's repo may not.
 Branches run in threads of one process (`--runner threads`) or in Dask worker processes,
 possibly on other machines sharing the project folder (`--runner dask`), so the guard is a
@@ -24,6 +25,7 @@ import yaml
 from dvc.repo import Repo
 from filelock import FileLock, Timeout
 
+from flows.stage_host import FORKABLE, run_in_host
 from lowbit.errors import LowbitError
 from lowbit.io import read_json
 from tasks.plumbing import Paths
@@ -142,38 +144,55 @@ def retry_unless_refused(task, task_run, state) -> bool:
     return not isinstance(state.data, RemoteRefused)
 
 
-def execute_stage(root: Path, stage: str, extra_env: dict[str, str] | None = None, stdout=None) -> None:
-    """Run the stage's dvc.yaml command with this interpreter's environment first on PATH.
+def stage_env(extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a stage command runs in: this one, this interpreter's folder first on PATH."""
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **(extra_env or {}))
+
+
+def execute_stage(root: Path, stage: str, extra_env: dict[str, str] | None = None, stdout=None,
+                  host: str | None = None) -> None:
+    """Run the stage's dvc.yaml command: forked from the stage host at `host` when it is the
+    plain `python -m tasks.<stage>` (flows/stage_host.py), else in a subprocess.
 
     Its stderr is passed through as it comes and its last line kept: a failure names the
     stage's own error (e.g. `RuntimeError: ...`), so the report and MLflow can say why."""
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **(extra_env or {}))
+    env = stage_env(extra_env)
+    command = stage_command(root, stage)
     tail: deque[str] = deque(maxlen=1)
-    with subprocess.Popen(stage_command(root, stage), shell=True, cwd=root, env=env, stdout=stdout,
-                          stderr=subprocess.PIPE, text=True, errors="replace") as process:
-        for line in process.stderr:
-            sys.stderr.write(line)
-            if line.strip():
-                tail.append(line.strip())
-    if process.returncode != 0:
+
+    def relay(line: str) -> None:
+        sys.stderr.write(line)
+        if line.strip():
+            tail.append(line.strip())
+
+    code = None
+    if host and stdout is None and command == FORKABLE.get(stage):
+        code = run_in_host(host, stage, root, env, relay)
+    if code is None:
+        with subprocess.Popen(command, shell=True, cwd=root, env=env, stdout=stdout,
+                              stderr=subprocess.PIPE, text=True, errors="replace") as process:
+            for line in process.stderr:
+                relay(line)
+        code = process.returncode
+    if code != 0:
         cause = f": {tail[0]}" if tail else ""
         raise LowbitError(
-            f"stage {stage} failed (exit {process.returncode}){cause}. "
+            f"stage {stage} failed (exit {code}){cause}. "
             "Earlier stages' outputs, the DVC cache and MLflow history are untouched."
         )
 
 
-def run_stage(root: Path, stage: str, force: bool = False) -> dict:
+def run_stage(root: Path, stage: str, force: bool = False, host: str | None = None) -> dict:
     """Run `stage` if DVC says it changed (or `force`); return its result and whether it ran."""
     ran = force or stage_changed(root, stage)
     if ran:
-        execute_stage(root, stage)
+        execute_stage(root, stage, host=host)
         commit_stage(root, stage)
     return {"stage": stage, "ran": ran, "result": read_json(Paths(root).result(stage))}
 
 
-def run_stage_uncommitted(root: Path, stage: str, extra_env: dict[str, str]) -> dict:
+def run_stage_uncommitted(root: Path, stage: str, extra_env: dict[str, str], host: str | None = None) -> dict:
     """Run `stage` on partial inputs and leave it out of dvc.lock: `dvc status` keeps reporting
     it (and the stage that failed) as changed until a complete run commits them."""
-    execute_stage(root, stage, extra_env)
+    execute_stage(root, stage, extra_env, host=host)
     return {"stage": stage, "ran": True, "result": read_json(Paths(root).result(stage))}

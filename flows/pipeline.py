@@ -18,6 +18,7 @@ the MLflow run ends FAILED with the reasons, and the flow raises StagesFailed.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -28,12 +29,13 @@ import pandas as pd
 from prefect import flow, task
 from prefect.runtime import deployment, flow_run
 
-from flows.dvc_stages import push_outputs, retry_unless_refused, run_stage, run_stage_uncommitted
+from flows.dvc_stages import push_outputs, retry_unless_refused, run_stage, run_stage_uncommitted, stage_env
 from flows.runners import RunnerChoice, task_runner
+from flows.stage_host import stage_host
 from flows.tracking import Tracker, dvc_lock_outputs, dvc_output_of
 from flows.up_to_date import LOCK_TAG, lock_digest
 from lowbit.calibration import check_calibration_data
-from lowbit.config import load_params
+from lowbit.config import Params, load_params
 from lowbit.errors import LowbitError, StagesFailed
 from lowbit.data import split_digest
 from lowbit.io import read_json, sha256_tree
@@ -48,15 +50,15 @@ VARIANT_STAGES = ("baseline", *BASELINE_BRANCHES, *ADAPTER_BRANCHES)
 
 
 @task(name="stage", task_run_name="{stage}")
-def stage_task(root: Path, stage: str, force: bool = False) -> dict:
+def stage_task(root: Path, stage: str, force: bool = False, host: str | None = None) -> dict:
     # No retries: a failing stage fails for a reason (bad input, OOM) that a retry repeats.
     # The pid says which process ran it: a Dask worker's, or the flow's own with threads.
-    return run_stage(root, stage, force) | {"pid": os.getpid()}
+    return run_stage(root, stage, force, host) | {"pid": os.getpid()}
 
 
 @task(name="stage-on-partial-inputs", task_run_name="{stage} (partial)")
-def partial_stage_task(root: Path, stage: str, failures: dict[str, str]) -> dict:
-    return run_stage_uncommitted(root, stage, {EXCLUDE_ENV: json.dumps(failures)})
+def partial_stage_task(root: Path, stage: str, failures: dict[str, str], host: str | None = None) -> dict:
+    return run_stage_uncommitted(root, stage, {EXCLUDE_ENV: json.dumps(failures)}, host)
 
 
 # a remote (S3) can fail transiently; one that refuses the credentials is not retried
@@ -67,38 +69,47 @@ def push_task(root: Path) -> int:
 
 @flow(name="lowbit-pipeline")
 def pipeline(root: str = ".", force: bool = False, overrides: tuple[str, ...] = (), refresh_data: bool = False,
-             runner: str = RunnerChoice().describe()) -> dict:
+             runner: str = RunnerChoice().describe(), fork_stages: bool = True) -> dict:
     """`refresh_data` re-reads the source even if DVC sees no change (an hf: dataset, a database
     export): the retraining flow's first step. Equal splits leave every later stage up to date.
     `runner` names where the branches run (recorded: concurrent stages share the cores and
-    their timings show it); `pipeline_on` sets it together with the task runner."""
+    their timings show it); `pipeline_on` sets it together with the task runner. `fork_stages`:
+    stages run in this process's threads are forked from one warm interpreter (flows/stage_host.py)
+    instead of each importing the libraries anew; Dask workers run them as subprocesses."""
     paths = Paths(Path(root).resolve())
     params = load_params(paths.params)
+    with stage_host(paths.root, stage_env()) if fork_stages else contextlib.nullcontext() as host:
+        return run_pipeline(paths, params, host, force, overrides, refresh_data, runner)
+
+
+def run_pipeline(paths: Paths, params: Params, host: str | None, force: bool, overrides: tuple[str, ...], refresh_data: bool,
+                 runner: str) -> dict:
+    """The flow's body: stages in pipeline order, failures collected, results tracked."""
     tracker = Tracker(params, paths.root)
     tracker.start({"lowbit.prefect_flow_run_id": str(flow_run.id), "lowbit.overrides": " ".join(overrides),
                    "lowbit.prefect_deployment_id": str(deployment.id or flow_run.parent_deployment_id or ""),
                    "lowbit.runner": runner})
     try:
-        outcomes = {"prepare": stage_task(paths.root, "prepare", force or refresh_data)}  # nothing can run without it
+        outcomes = {"prepare": stage_task(paths.root, "prepare", force or refresh_data, host)}  # nothing can run without it
         tracker.tag("lowbit.data_hash", outcomes["prepare"]["result"]["data_hash"])
         digest = test_digest(paths)
         tracker.tag("lowbit.test_digest", digest)
         check_calibration_possible(paths, params.evaluate.calibration)  # before hours of training, not after
         failures: dict[str, str] = {}
-        baseline = stage_task.submit(paths.root, "baseline", force)
-        adapters = {name: stage_task.submit(paths.root, name, force) for name in ADAPTER_BRANCHES}
+        baseline = stage_task.submit(paths.root, "baseline", force, host)
+        adapters = {name: stage_task.submit(paths.root, name, force, host) for name in ADAPTER_BRANCHES}
         collect({"baseline": baseline}, outcomes, failures)
         if "baseline" in failures:
             failures |= {name: "not run: the baseline stage it starts from failed" for name in BASELINE_BRANCHES}
             quantized = {}
         else:
-            quantized = {name: stage_task.submit(paths.root, name, force) for name in BASELINE_BRANCHES}
+            quantized = {name: stage_task.submit(paths.root, name, force, host) for name in BASELINE_BRANCHES}
         collect(quantized | adapters, outcomes, failures)
         if failures and not any(stage in outcomes for stage in VARIANT_STAGES):
             raise StagesFailed(failures, "No report: every stage that produces a variant failed.")
         for stage in ("evaluate", "report"):
-            outcomes[stage] = (partial_stage_task(paths.root, stage, failures) if failures
-                               else stage_task(paths.root, stage, force))
+            outcomes[stage] = (partial_stage_task(paths.root, stage, failures, host) if failures
+                               else stage_task(paths.root, stage, force, host))
         track_results(tracker, paths, outcomes, digest)
         if failures:
             tracker.tag("lowbit.failed_stages", ",".join(failures))
@@ -169,7 +180,8 @@ def track_results(tracker: Tracker, paths: Paths, outcomes: dict, digest: str) -
 
 def pipeline_on(runner: RunnerChoice):
     """The flow with its branches on `runner` (params.yaml `runner`, or the command line's)."""
-    return functools.partial(pipeline.with_options(task_runner=task_runner(runner)), runner=runner.describe())
+    return functools.partial(pipeline.with_options(task_runner=task_runner(runner)), runner=runner.describe(),
+                             fork_stages=runner.kind == "threads")
 
 
 if __name__ == "__main__":

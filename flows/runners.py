@@ -4,7 +4,8 @@
     pipeline.with_options(task_runner=task_runner(runner))
 
 threads (the default): one stage at a time unless `parallel` says more. Each stage is a
-subprocess anyway, so threads only wait on it; the flow's process stays light.
+process of its own anyway (forked from the stage host), so threads only wait on it; the flow's
+process stays light.
 
 dask: prefect-dask's DaskTaskRunner. With no address, a local cluster of worker processes is
 started for the run and torn down after it; with `dask_address`, the tasks go to that running

@@ -67,18 +67,27 @@ def resident_file_pages() -> np.ndarray:
 FILE_PAGES_AT_IMPORT = resident_file_pages()
 
 
-def _touch(addresses: np.ndarray) -> None:
-    for address in addresses.tolist():
+def remember_resident_pages() -> None:
+    """Take FILE_PAGES_AT_IMPORT again, for a server that imported more after this module."""
+    global FILE_PAGES_AT_IMPORT
+    FILE_PAGES_AT_IMPORT = resident_file_pages()
+
+
+def as_if_fresh_process() -> None:
+    """In a child forked from a server that imported libraries: make its memory figures those of a
+    fresh process with the same imports (the library pages such a process holds, freed heap
+    returned, the peak counted from here: the server's import-time transients are not the child's)."""
+    for address in FILE_PAGES_AT_IMPORT.tolist():
         ctypes.string_at(address, 1)
+    release_free_heap()
+    reset_peak_rss()
 
 
 def _measured(fn: Callable, args: tuple, kwargs: dict, threads: int | None) -> tuple[Any, int]:
     """In the child: run fn and return (its result, this process's peak RSS over the call)."""
     if threads:
         torch.set_num_threads(threads)
-    _touch(FILE_PAGES_AT_IMPORT)  # the library pages a fresh process would hold after its imports
-    release_free_heap()
-    reset_peak_rss()  # from the RSS the child inherited: the forkserver's import-time transients are not counted
+    as_if_fresh_process()
     result = fn(*args, **kwargs)
     return result, peak_rss_bytes()
 
