@@ -8,8 +8,8 @@ The eager int8 variants call fbgemm one linear at a time and pay for quantizing,
 dequantizing and re-laying out activations between every pair of layers. Here the whole
 forward pass is one exported graph; `convert_pt2e` folds the weights to int8 constants,
 and Inductor (with freezing) fuses quantize/dequantize into oneDNN int8 linears and the
-element-wise work around them. The price is compilation on first use of each input
-shape (batch and sequence length are dynamic, so a handful of compiles in all):
+element-wise work around them. The price is compilation on the first call (batch and
+sequence length are symbolic, one program serves every shape, a batch of 1 included):
 `compile_seconds` measures it, and Inductor's on-disk cache makes later runs cheaper.
 
 Embeddings are quantized per row with lowbit's Int8Embedding before export (the
@@ -100,8 +100,12 @@ class CompiledClassifier(nn.Module):
         graphs_before = _compiled_graphs()
         started = time.perf_counter()
         # freezing folds the int8 weights into prepacked oneDNN kernels (inference only); it must be
-        # on while a call compiles: torch.compile(options=...) did not reach the weight-prepack pass
-        with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        # on while a call compiles: torch.compile(options=...) did not reach the weight-prepack pass.
+        # One program for every shape: without the shape settings Dynamo compiled three (30 + 16 + 16 s
+        # here), once more when batch and length happened to be equal (duck sizing made them one
+        # symbol) and once more for a batch of 1 (sizes 0 and 1 are specialised unless size-oblivious).
+        with torch.no_grad(), torch._inductor.config.patch(freezing=True), \
+                torch.fx.experimental._config.patch(use_duck_shape=False, backed_size_oblivious=True):
             out = self._compiled(**inputs)
         if _compiled_graphs() != graphs_before:  # this call compiled (a new shape class): count its time
             self.compile_seconds += time.perf_counter() - started

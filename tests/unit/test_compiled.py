@@ -47,7 +47,7 @@ def test_program_stores_int8_weights_once_and_counts_every_weight(built):
     assert count == quantized and count < held < 1.2 * count  # int8 plus per-channel scales and zero points
 
 
-def test_compiled_program_predicts_like_fp32_and_reports_its_compile_time(built):
+def test_compiled_program_predicts_like_fp32_compiles_once_and_reports_its_compile_time(built):
     fp32, tokenizer, frame, path = built
     model, _ = load_variant(path, MODEL)
     loader = make_loader(tokenizer, frame, 32, 32)
@@ -65,6 +65,9 @@ def test_compiled_program_predicts_like_fp32_and_reports_its_compile_time(built)
     np.testing.assert_allclose(logits[: len(reference)], reference, atol=0.02 * np.abs(reference).max())
     one = {k: v[:1] for k, v in first_batch.items()}  # batch 1, as latency is timed
     np.testing.assert_allclose(model(**one).logits.numpy(), logits[:1], atol=1e-4, rtol=1e-4)
+    ragged, _ = predict_logits(model, make_loader(tokenizer, frame.iloc[:37], 32, 32))  # a last batch of 5
+    np.testing.assert_allclose(ragged, logits[:37], atol=1e-4, rtol=1e-4)
+    assert model.compile_seconds == first  # one program for every shape: batch 1 and ragged batches compile nothing
 
 
 def test_compiled_program_refuses_training(built):
