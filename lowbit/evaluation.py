@@ -14,6 +14,11 @@ matrix go into the record (`per_class`), the worst class's recall into `recall_m
 Speed: `throughput_samples_s` over the pre-tokenized test set at the evaluation batch size;
 `latency_ms_p50/p95` over single examples (batch of 1). Tokenization is outside every timed
 region: the figures are the model's.
+
+Test and validation rows are batched in order of token count, as an offline batch job or a
+serving batcher groups them, and every output is put back in row order: each batch is padded to
+its longest row, and in split order the builtin test split was 72% padding over its real tokens
+(21,176 computed for 12,339), a third of every variant's evaluation time spent on padding.
 """
 
 from __future__ import annotations
@@ -48,11 +53,12 @@ def evaluate_model(
     """(metrics, test logits [n, classes], labels [n]): quality, throughput and latency on the test split."""
     model.eval()
     device = model_device(model)
+    ordered, back = in_length_order(tokenizer, test_frame, max_length)
     batches = [
         {k: v.to(device) for k, v in batch.items()}
-        for batch in make_loader(tokenizer, test_frame, params.batch_size, max_length)
+        for batch in make_loader(tokenizer, ordered, params.batch_size, max_length)
     ]
-    labels = np.concatenate([batch.pop("labels").cpu().numpy() for batch in batches])
+    labels = np.concatenate([batch.pop("labels").cpu().numpy() for batch in batches])[back]
     forward = lambda batch: model(**batch).logits  # noqa: E731
     # The warm-up sees a full batch and the ragged last one: a compiled program compiles once per
     # shape class (Dynamo specializes a batch of 1), and a 15-30 s compile inside the timed pass
@@ -66,7 +72,7 @@ def evaluate_model(
         begin = time.perf_counter()
         out = np.concatenate([forward(batch).float().cpu().numpy() for batch in batches])
         sync()
-        return out, time.perf_counter() - begin
+        return out[back], time.perf_counter() - begin
 
     compiled = getattr(model, "compile_seconds", 0.0)
     logits, elapsed = timed_pass()
@@ -77,6 +83,20 @@ def evaluate_model(
     metrics |= single_example_latency(model, tokenizer, test_frame, params, max_length, device, sync)
     metrics["n_test"] = int(len(labels))
     return metrics, logits, labels
+
+
+def in_length_order(tokenizer: PreTrainedTokenizerBase, frame: pd.DataFrame, max_length: int) -> tuple[pd.DataFrame, np.ndarray]:
+    """The rows sorted by token count (stable) and the index that puts outputs in that order back in row order."""
+    lengths = [len(ids) for ids in tokenizer(frame["text"].tolist(), truncation=True, max_length=max_length)["input_ids"]]
+    order = np.argsort(lengths, kind="stable")
+    return frame.iloc[order], np.argsort(order)
+
+
+def predict_in_length_order(model, tokenizer, frame: pd.DataFrame, batch_size: int, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """predict_logits over length-ordered batches, (logits, labels) in row order."""
+    ordered, back = in_length_order(tokenizer, frame, max_length)
+    logits, labels = predict_logits(model, make_loader(tokenizer, ordered, batch_size, max_length))
+    return logits[back], labels[back]
 
 
 def quality_analysis(
@@ -102,8 +122,7 @@ def predict_probabilities(model, tokenizer, texts: list[str], max_length: int, c
                           batch_size: int = 64) -> np.ndarray:
     """Class probabilities [n, classes] for raw texts, through the variant's fitted calibrator when given
     (the evaluate stage writes it to metrics/calibrators/<variant>.json: Calibrator.from_json)."""
-    frame = pd.DataFrame({"text": texts, "label": 0})
-    logits, _ = predict_logits(model, make_loader(tokenizer, frame, batch_size, max_length))
+    logits, _ = predict_in_length_order(model, tokenizer, pd.DataFrame({"text": texts, "label": 0}), batch_size, max_length)
     return calibrator.apply(logits) if calibrator else softmax(logits.astype(np.float64))
 
 
@@ -137,7 +156,7 @@ def evaluate_saved_variant(
     held = weight_bytes(model)
     quantized_params, quantized_bytes = quantized_weight_stats(model)
     metrics, logits, labels = evaluate_model(model, tokenizer, test_frame, params, model_params.max_length)
-    val_logits, val_labels = predict_logits(model, make_loader(tokenizer, val_frame, params.batch_size, model_params.max_length))
+    val_logits, val_labels = predict_in_length_order(model, tokenizer, val_frame, params.batch_size, model_params.max_length)
     analysis, details, calibrator = quality_analysis(logits, labels, val_logits, val_labels, params, label_names)
     metrics |= analysis
     card = read_json(model_dir / CARD)

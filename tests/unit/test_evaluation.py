@@ -48,3 +48,25 @@ def test_a_ragged_last_batch_compiles_in_the_warm_up_not_in_the_timed_pass():
     # Timing a pass that compiles would give at most 33 / 0.5 = 66 samples/s; three tiny forward passes take ~ms.
     assert metrics["throughput_samples_s"] > 33 / (COMPILE_S / 5)
     assert metrics["latency_ms_p50"] < COMPILE_S * 1000 / 5
+
+
+def test_length_ordered_batches_give_every_row_its_own_logits(tmp_path):
+    """Rows are batched shortest first (less padding) and every output comes back in row order."""
+    from lowbit.config import ModelParams
+    from lowbit.evaluation import in_length_order, predict_in_length_order
+    from lowbit.models import load_classifier
+    from lowbit.task_types.sequence_classification import make_loader, predict_logits
+    from tests.tiny_model import tiny_classifier_dir
+
+    model_params = ModelParams(task="sequence_classification", name="tiny", trust_remote_code=False, max_length=32)
+    tiny = tiny_classifier_dir(tmp_path / "model", init_std=0.2)
+    model, tokenizer = load_classifier(str(tiny), model_params), load_tokenizer(str(tiny), model_params)
+    texts = [" ".join(["word"] * n) for n in (9, 2, 14, 1, 6, 6, 11, 3, 20, 5)]
+    frame = pd.DataFrame({"text": texts, "label": list(range(10))})
+    ordered, back = in_length_order(tokenizer, frame, 32)
+    assert [len(t.split()) for t in ordered["text"]] == sorted(len(t.split()) for t in texts)
+    assert ordered["label"].to_numpy()[back].tolist() == list(range(10))
+    logits, labels = predict_in_length_order(model, tokenizer, frame, 4, 32)
+    reference, _ = predict_logits(model, make_loader(tokenizer, frame, 4, 32))  # split order, padded more
+    assert labels.tolist() == list(range(10))
+    torch.testing.assert_close(torch.from_numpy(logits), torch.from_numpy(reference), atol=1e-5, rtol=1e-5)
