@@ -32,6 +32,7 @@ from pathlib import Path
 
 from flows.compare import add_arguments as add_compare_arguments, compare_command
 from flows.reproduce import add_arguments as add_reproduce_arguments, reproduce_command
+from flows.stage_host import stage_env, stage_host
 from flows.up_to_date import recorded_run
 from lowbit.config import load_params, preset_overrides, write_overrides
 from lowbit.errors import LowbitError, StagesFailed
@@ -132,13 +133,15 @@ def cmd_run(args: argparse.Namespace, paths: Paths) -> int:
         print(f"stages run: nothing (dvc status: every stage up to date; MLflow run {recorded} already records "
               f"these outputs and params); {time.perf_counter() - started:.1f} s in all")
         return 0
-    prepare_prefect_environment()
-    from flows.pipeline import pipeline_on  # Prefect import is slow: only for `run`
+    # Started first, so the host's imports overlap Prefect's (and its temporary API's) start-up.
+    with stage_host(paths.root, stage_env()) if runner.kind == "threads" else contextlib.nullcontext("") as host:
+        prepare_prefect_environment()
+        from flows.pipeline import pipeline_on  # Prefect import is slow: only for `run`
 
-    flow = pipeline_on(runner)
-    print(f"stages run on {runner.describe()}")
-    with explained_prefect_startup():
-        outcome = flow(root=str(paths.root), force=args.force, overrides=tuple(overrides))
+        flow = pipeline_on(runner)
+        print(f"stages run on {runner.describe()}")
+        with explained_prefect_startup():
+            outcome = flow(root=str(paths.root), force=args.force, overrides=tuple(overrides), stage_host_address=host)
     print()
     print(outcome["report"])
     ran = ", ".join(outcome["ran"]) or "nothing (all stages up to date)"

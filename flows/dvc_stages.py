@@ -14,7 +14,6 @@ lock file in the project, not a lock in memory.
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import sys
 from collections import deque
@@ -25,7 +24,7 @@ import yaml
 from dvc.repo import Repo
 from filelock import FileLock, Timeout
 
-from flows.stage_host import FORKABLE, run_in_host
+from flows.stage_host import FORKABLE, run_in_host, stage_env
 from lowbit.errors import LowbitError
 from lowbit.io import read_json
 from tasks.plumbing import Paths
@@ -142,11 +141,6 @@ def retry_unless_refused(task, task_run, state) -> bool:
     """Prefect's retry_condition_fn for the push: a transient failure is retried, a refusal is
     not (the same credentials are refused again, 10 s later)."""
     return not isinstance(state.data, RemoteRefused)
-
-
-def stage_env(extra_env: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment a stage command runs in: this one, this interpreter's folder first on PATH."""
-    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **(extra_env or {}))
 
 
 def execute_stage(root: Path, stage: str, extra_env: dict[str, str] | None = None, stdout=None,

@@ -18,7 +18,6 @@ the MLflow run ends FAILED with the reasons, and the flow raises StagesFailed.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -29,9 +28,9 @@ import pandas as pd
 from prefect import flow, task
 from prefect.runtime import deployment, flow_run
 
-from flows.dvc_stages import push_outputs, retry_unless_refused, run_stage, run_stage_uncommitted, stage_env
+from flows.dvc_stages import push_outputs, retry_unless_refused, run_stage, run_stage_uncommitted
 from flows.runners import RunnerChoice, task_runner
-from flows.stage_host import stage_host
+from flows.stage_host import stage_env, stage_host
 from flows.tracking import Tracker, dvc_lock_outputs, dvc_output_of
 from flows.up_to_date import LOCK_TAG, lock_digest
 from lowbit.calibration import check_calibration_data
@@ -69,16 +68,20 @@ def push_task(root: Path) -> int:
 
 @flow(name="lowbit-pipeline")
 def pipeline(root: str = ".", force: bool = False, overrides: tuple[str, ...] = (), refresh_data: bool = False,
-             runner: str = RunnerChoice().describe(), fork_stages: bool = True) -> dict:
+             runner: str = RunnerChoice().describe(), fork_stages: bool = True, stage_host_address: str = "") -> dict:
     """`refresh_data` re-reads the source even if DVC sees no change (an hf: dataset, a database
     export): the retraining flow's first step. Equal splits leave every later stage up to date.
     `runner` names where the branches run (recorded: concurrent stages share the cores and
     their timings show it); `pipeline_on` sets it together with the task runner. `fork_stages`:
     stages run in this process's threads are forked from one warm interpreter (flows/stage_host.py)
-    instead of each importing the libraries anew; Dask workers run them as subprocesses."""
+    instead of each importing the libraries anew; Dask workers run them as subprocesses.
+    `stage_host_address`: a host already started (`lowbit run` starts it before Prefect's API, so
+    its imports overlap that start-up); empty = start one here."""
     paths = Paths(Path(root).resolve())
     params = load_params(paths.params)
-    with stage_host(paths.root, stage_env()) if fork_stages else contextlib.nullcontext() as host:
+    if stage_host_address or not fork_stages:
+        return run_pipeline(paths, params, stage_host_address or None, force, overrides, refresh_data, runner)
+    with stage_host(paths.root, stage_env()) as host:
         return run_pipeline(paths, params, host, force, overrides, refresh_data, runner)
 
 

@@ -51,6 +51,11 @@ FORKABLE = {stage: f"python -m tasks.{stage}" for stage in STAGES}
 REAP_INTERVAL_S = 0.1
 
 
+def stage_env(extra_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment a stage command runs in: this one, this interpreter's folder first on PATH."""
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}", **(extra_env or {}))
+
+
 @contextlib.contextmanager
 def stage_host(root: Path, env: dict[str, str]) -> Iterator[str]:
     """Start a host in `root` with `env` (what the stage commands would get); yield its address.
