@@ -52,7 +52,7 @@ def build_summary(
         metrics["accuracy_delta"] = (metrics[quality] - base[quality]) * 100.0 if base else None
         notes = list(records[variant].get("notes", []))
         if "compile_seconds" in metrics:  # measured in evaluate: what the speed figures do not include
-            notes.append(f"compiled in {metrics['compile_seconds']:.1f} s (first calls of each shape; not in p50 or samples/s)")
+            notes.append(f"compiled in {metrics['compile_seconds']:.1f} s (its first call: one program serves every shape; not in p50 or samples/s)")
         rows.append({"variant": variant, "metrics": metrics, "notes": notes, "samples": records[variant].get("samples"),
                      "reliability": records[variant].get("reliability"), "per_class": records[variant].get("per_class")})
     front = pareto_front(rows, quality=quality)

@@ -120,7 +120,7 @@ def test_compile_time_is_reported_as_a_note_since_speed_figures_exclude_it():
     compiled = record(0.899, 100)
     compiled["metrics"]["compile_seconds"] = 41.26
     text = markdown_report(build_summary(RECORDS | {"ptq_int8_static_compiled": compiled}, 1.0))
-    assert "- ptq_int8_static_compiled: compiled in 41.3 s (first calls of each shape; not in p50 or samples/s)" in text
+    assert "- ptq_int8_static_compiled: compiled in 41.3 s (its first call: one program serves every shape; not in p50 or samples/s)" in text
 
 
 def test_plot_labels_that_would_overprint_share_one_label_most_accurate_first():

@@ -33,7 +33,7 @@ def build(ctx: SchemeContext) -> list[str]:
     tokenizer.save_pretrained(out)
     write_card(out, VARIANT, "pt2e", "ptq", notes=embedding_note(ctx) + skip_note(ctx) + [
         "W8A8 graph from torchao PT2E (X86InductorQuantizer; activation ranges: its histogram observer over the "
-        "calib split), compiled by torch.compile with Inductor freezing; compile_seconds is the first calls' cost",
+        "calib split), compiled by torch.compile with Inductor freezing; compile_seconds is its first call's cost",
     ])
     return [VARIANT]
 
