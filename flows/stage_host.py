@@ -49,6 +49,8 @@ from tasks import STAGES
 FORKABLE = {stage: f"python -m tasks.{stage}" for stage in STAGES}
 # How often the host looks for finished children: the most an exit status waits to be reported.
 REAP_INTERVAL_S = 0.1
+# A host stops within one reap interval of being told, or once its imports end (about 9 s here).
+STOP_WAIT_S = 60
 
 
 def stage_env(extra_env: dict[str, str] | None = None) -> dict[str, str]:
@@ -77,7 +79,11 @@ def stage_host(root: Path, env: dict[str, str]) -> Iterator[str]:
         yield address
     finally:
         host.stdin.close()  # the host's signal to stop; children still running finish on their own
-        host.wait()
+        try:
+            host.wait(timeout=STOP_WAIT_S)
+        except subprocess.TimeoutExpired:  # stuck in an import or a library call: nothing of it is needed
+            host.kill()
+            host.wait()
         shutil.rmtree(folder, ignore_errors=True)
 
 
