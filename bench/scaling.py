@@ -26,6 +26,13 @@ Per stage:
 - peak_rss_bytes: the largest of the stage's figures above (plotted, and judged by `targets`).
 Derived: seconds per 1k training rows, a least-squares line of stage_seconds vs training rows per
 stage and length (slope, intercept, R²), rss_spread = (max − min) / min over the row counts.
+
+Training memory peaks at the longest padded batch, so each point also records
+`longest_train_tokens` (the training split's longest example, tokenized at the point's max
+length): a larger sample is more likely to hold a longer example, up to the max-length cap or
+the corpus's longest. `baseline_rss_spread_same_longest` is the baseline's spread over the points
+whose longest example is as long as the largest sample's, where the row count is the only
+difference left (null with fewer than two such points).
 """
 
 from __future__ import annotations
@@ -116,7 +123,18 @@ def run_point(length: int, rows: int | None) -> dict:
     train_rows = split_rows["train"]
     for figures in stages.values():
         figures["seconds_per_1k_train_rows"] = figures["stage_seconds"] / (train_rows / 1000)
-    return {"max_length": length, "max_rows": rows, "train_rows": train_rows, "split_rows": split_rows, "stages": stages}
+    return {"max_length": length, "max_rows": rows, "train_rows": train_rows, "split_rows": split_rows,
+            "longest_train_tokens": longest_train_tokens(root, length), "stages": stages}
+
+
+def longest_train_tokens(root: Path, length: int) -> int:
+    """Tokens of the training split's longest example, truncated at `length` as training truncates it."""
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(root / "models" / "baseline"))
+    texts = pd.read_parquet(root / "data" / "prepared" / "train.parquet")["text"].tolist()
+    return max(len(ids) for ids in tokenizer(texts, truncation=True, max_length=length)["input_ids"])
 
 
 def line_fit(x: list[float], y: list[float]) -> dict | None:
@@ -131,13 +149,16 @@ def line_fit(x: list[float], y: list[float]) -> dict | None:
 
 
 def derived(points: list[dict], lengths: list[int]) -> tuple[dict, dict]:
-    fits, spreads = {}, {}
+    fits, spreads, same_longest = {}, {}, {}
     for length in lengths:
         series = [p for p in points if p["max_length"] == length]
         x = [p["train_rows"] for p in series]
         fits[length] = {s: line_fit(x, [p["stages"][s]["stage_seconds"] for p in series]) for s in STAGES}
         rss = {s: [p["stages"][s]["peak_rss_bytes"] for p in series] for s in STAGES}
         spreads[length] = {s: (max(v) - min(v)) / min(v) for s, v in rss.items()}
+        longest = max(p["longest_train_tokens"] for p in series)
+        same = [p["stages"]["baseline"]["peak_rss_bytes"] for p in series if p["longest_train_tokens"] == longest]
+        same_longest[length] = (max(same) - min(same)) / min(same) if len(same) > 1 else None
     baseline_r2 = {length: fits[length]["baseline"] and fits[length]["baseline"]["r2"] for length in lengths}
     targets = {
         "time_linear": {
@@ -149,9 +170,16 @@ def derived(points: list[dict], lengths: list[int]) -> tuple[dict, dict]:
             **{f"max_length_{n}": {s: {"rss_spread": v, "met": v <= RSS_SPREAD_MAX} for s, v in spreads[n].items()}
                for n in lengths},
         },
+        "baseline_rss_flat_within_15pct_same_longest": {
+            "criterion": f"baseline peak_rss_bytes spread <= {RSS_SPREAD_MAX} over the points whose longest training "
+                         "example is as long as the largest sample's (the same longest batch; only the row count differs)",
+            **{f"max_length_{n}": {"rss_spread": v, "met": v is not None and v <= RSS_SPREAD_MAX}
+               for n, v in same_longest.items()},
+        },
     }
     return {"linear_fit_stage_seconds_vs_train_rows": {f"max_length_{n}": f for n, f in fits.items()},
-            "rss_spread": {f"max_length_{n}": s for n, s in spreads.items()}}, targets
+            "rss_spread": {f"max_length_{n}": s for n, s in spreads.items()},
+            "baseline_rss_spread_same_longest": {f"max_length_{n}": v for n, v in same_longest.items()}}, targets
 
 
 def plot(points: list[dict], lengths: list[int], path: Path) -> None:
