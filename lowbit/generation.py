@@ -34,7 +34,7 @@ from lowbit.measure import bits_per_param, disk_bytes, quantized_weight_stats, w
 from lowbit.metrics.generation import chrf_interval, generation_metrics
 from lowbit.models import model_device, param_counts, resolve_model
 from lowbit.statistics import ratio_intervals
-from lowbit.task_types.causal_lm import end_of_turn_id, make_loader, prompt_ids, score_examples
+from lowbit.task_types.causal_lm import end_of_turn_id, make_loader, prompt_ids, score_examples, token_figures
 from lowbit.variants import CARD
 
 SAMPLES_IN_REPORT = 5
@@ -64,9 +64,7 @@ def evaluate_generative_model(model, tokenizer, test_frame: pd.DataFrame, params
     """(metrics, sample generations, token reliability bins) on the test split: the module docstring's figures."""
     model.eval()
     sums = score_examples(model, make_loader(tokenizer, test_frame, params.batch_size, max_length))
-    loss = float(sums["nll"].sum() / sums["tokens"].sum())
-    metrics = {"loss": loss, "perplexity": math.exp(loss),
-               "token_accuracy": float(sums["correct"].sum() / sums["tokens"].sum()), "n_test": int(len(test_frame))}
+    metrics = token_figures(sums) | {"n_test": int(len(test_frame))}
     sample = test_frame.iloc[: params.generation_samples]
     prompts, references = sample["prompt"].tolist(), sample["target"].tolist()
     generate_answers(model, tokenizer, prompts[:1], 2)  # warm-up: first-call allocations are not a token's latency

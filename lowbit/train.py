@@ -29,6 +29,7 @@ from lowbit.config import DeterminismParams, TrainParams
 from lowbit.errors import LowbitError
 from lowbit.hardware import Capabilities, determinism_environment
 from lowbit.measure import current_rss_bytes, peak_rss_bytes, release_free_heap, reset_peak_rss, weight_bytes
+from lowbit.models import model_device
 from lowbit.task_types import task_type
 
 
@@ -186,7 +187,7 @@ def train(
     optimizer = make_optimizer(params)
     total_steps = cfg.epochs * len(loader)
     schedule = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
-    device = next(model.parameters()).device
+    device = model_device(model)
 
     best_state, best, history, step, samples, seconds = None, (-1.0, 0), [], 0, 0, 0.0
     with nondeterministic_ops_named():  # determinism.enabled: an op without a deterministic algorithm names the key

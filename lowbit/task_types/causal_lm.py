@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from lowbit.config import DataParams, ModelParams, PrepareParams
 from lowbit.errors import LowbitError
+from lowbit.models import load_auto, model_device
 
 AUTO_MODEL = AutoModelForCausalLM
 HEAD = ["lm_head"]  # tied to the embeddings in small chat models: kept in float, not trained by adapters
@@ -124,7 +125,7 @@ def token_statistics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, np
 def score_examples(model: torch.nn.Module, loader: DataLoader) -> dict[str, np.ndarray]:
     """token_statistics over a loader, teacher-forced, concatenated."""
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     parts = []
     for batch in loader:
         labels = batch.pop("labels")
@@ -133,13 +134,16 @@ def score_examples(model: torch.nn.Module, loader: DataLoader) -> dict[str, np.n
     return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
-def validation_figures(model: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
+def token_figures(sums: dict[str, np.ndarray]) -> dict[str, float]:
     """token_accuracy (the share of target tokens predicted right, teacher-forced), loss (mean NLL per
-    target token) and perplexity = exp(loss)."""
-    sums = score_examples(model, loader)
+    target token) and perplexity = exp(loss), from score_examples' per-example sums."""
     loss = float(sums["nll"].sum() / sums["tokens"].sum())
     return {"token_accuracy": float(sums["correct"].sum() / sums["tokens"].sum()), "loss": loss,
             "perplexity": math.exp(loss)}
+
+
+def validation_figures(model: torch.nn.Module, loader: DataLoader) -> dict[str, float]:
+    return token_figures(score_examples(model, loader))
 
 
 def validation_score(model: torch.nn.Module, loader: DataLoader) -> float:
@@ -147,8 +151,6 @@ def validation_score(model: torch.nn.Module, loader: DataLoader) -> float:
 
 
 def load_pretrained(source: str, model: ModelParams, meta: dict | None = None, **kwargs) -> torch.nn.Module:
-    from lowbit.models import load_auto
-
     return load_auto(AUTO_MODEL, source, model, **kwargs)
 
 

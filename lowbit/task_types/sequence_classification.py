@@ -18,6 +18,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedTokenizer
 
 from lowbit.config import DataParams, ModelParams, PrepareParams
 from lowbit.metrics import quality_metrics
+from lowbit.models import load_classifier, model_device
 
 AUTO_MODEL = AutoModelForSequenceClassification
 HEAD = ["classifier"]  # BERT-style sequence classifiers; kept out of quantization and trained in full
@@ -28,8 +29,6 @@ VALIDATION_METRIC = "accuracy"
 
 def load_pretrained(source: str, model: ModelParams, meta: dict | None = None, **kwargs) -> torch.nn.Module:
     """The pretrained encoder with a fresh head sized by the prepared labels (meta.json's `labels`)."""
-    from lowbit.models import load_classifier
-
     return load_classifier(source, model, meta["labels"] if meta else None, **kwargs)
 
 
@@ -54,7 +53,7 @@ def make_loader(
 def predict_logits(model: torch.nn.Module, loader: DataLoader) -> tuple[np.ndarray, np.ndarray]:
     """(logits [n, classes] float32, labels [n]) over a loader, model in eval mode."""
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     logits, labels = [], []
     for batch in loader:
         labels.append(batch.pop("labels").numpy())
