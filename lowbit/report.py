@@ -23,6 +23,7 @@ baseline there is no delta and no recommendation, and the report says why.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -121,14 +122,13 @@ GENERATIVE_COLUMNS = [
     ("disk MiB", "disk_bytes", "mib"), ("serve MiB", MEMORY, "mib"), ("bits/param", "bits_per_param", "{:.2f}"),
     ("ms/token p50", "latency_ms_p50", "{:.1f}"), ("tokens/s", "tokens_s", "{:.1f}"),
 ]
-TABLES = {"sequence_classification": ("accuracy [95% CI]", "Δacc pts", COLUMNS),
-          "causal_lm": ("token acc [95% CI]", "Δtok-acc pts", GENERATIVE_COLUMNS)}
 
 
 def variants_table(summary: dict) -> str:
     quality = summary.get("quality_metric", "accuracy")
-    quality_header, delta_header, columns = TABLES[summary.get("task", "sequence_classification")]
-    header = ["variant", quality_header, delta_header, *(h for h, _, _ in columns), "pareto"]
+    kind = task_report(summary)
+    columns = kind.columns
+    header = ["variant", kind.quality_header, kind.delta_header, *(h for h, _, _ in columns), "pareto"]
     rows = [[row["variant"], accuracy_cell(row["metrics"], quality), delta_cell(row["metrics"]),
              *(_fmt(row["metrics"].get(key), fmt, row["metrics"]) for _, key, fmt in columns), "*" if row["pareto"] else ""]
             for row in summary["rows"]]
@@ -233,16 +233,9 @@ def markdown_report(summary: dict) -> str:
     if summary.get("missing"):
         parts += ["**Incomplete run**: these stages failed, so their variants are not in the table:",
                   *missing_lines(summary["missing"]), ""]
-    generative = summary.get("task") == "causal_lm"
-    parts += [variants_table(summary), "", recommendation_line(summary["recommendation"]), "",
-              GENERATIVE_LEGEND if generative else CLASSIFIER_LEGEND, ""]
-    if generative:
-        parts += ["Figures: pareto.png (token accuracy vs memory), reliability.png (next-token confidence vs accuracy "
-                  "per variant, target tokens), confusion.png (outcomes of the sample generations per variant)."]
-        parts += sample_lines(summary["rows"])
-    else:
-        parts += ["Figures: pareto.png (accuracy vs memory), reliability.png (confidence vs accuracy per variant, "
-                  "before and after calibration), confusion.png (per-class confusion per variant)."]
+    kind = task_report(summary)
+    parts += [variants_table(summary), "", recommendation_line(summary["recommendation"]), "", kind.legend, "",
+              kind.figures, *sample_lines(summary["rows"])]
     if summary.get("sensitivity"):
         parts += ["", "Most quantization-sensitive layers (one layer int8 at a time, validation split; "
                   "candidates for ptq.skip_modules):", "", sensitivity_table(summary["sensitivity"][:10])]
@@ -330,6 +323,34 @@ def generation_outcomes_plot(summary: dict, path: Path) -> None:
     save_png(fig, path)
 
 
+class TaskReport(NamedTuple):
+    """What a report shows for one task type (the records' `task`): the table, its legend, the figures."""
+
+    quality_header: str
+    delta_header: str
+    columns: list[tuple[str, str, str]]
+    legend: str
+    figures: str
+    outcomes_plot: Callable[[dict, Path], None]  # confusion.png: classes confused, or generation outcomes
+
+
+TASK_REPORTS = {
+    "sequence_classification": TaskReport(
+        "accuracy [95% CI]", "Δacc pts", COLUMNS, CLASSIFIER_LEGEND,
+        "Figures: pareto.png (accuracy vs memory), reliability.png (confidence vs accuracy per variant, "
+        "before and after calibration), confusion.png (per-class confusion per variant).", confusion_plot),
+    "causal_lm": TaskReport(
+        "token acc [95% CI]", "Δtok-acc pts", GENERATIVE_COLUMNS, GENERATIVE_LEGEND,
+        "Figures: pareto.png (token accuracy vs memory), reliability.png (next-token confidence vs accuracy "
+        "per variant, target tokens), confusion.png (outcomes of the sample generations per variant).",
+        generation_outcomes_plot),
+}
+
+
+def task_report(summary: dict) -> TaskReport:
+    return TASK_REPORTS[summary.get("task", "sequence_classification")]
+
+
 def write_report(summary: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     pareto_plot(summary, out_dir / "pareto.png")
@@ -337,9 +358,6 @@ def write_report(summary: dict, out_dir: Path) -> None:
     if not curves:  # dvc.yaml declares both figures: never leave an earlier run's in place
         raise LowbitError("the metrics hold no reliability bins or per-class counts; rerun the evaluate stage")
     reliability_diagram(curves, out_dir / "reliability.png")
-    if summary.get("task") == "causal_lm":
-        generation_outcomes_plot(summary, out_dir / "confusion.png")
-    else:
-        confusion_plot(summary, out_dir / "confusion.png")
+    task_report(summary).outcomes_plot(summary, out_dir / "confusion.png")
     atomic_write_text(out_dir / "summary.md", markdown_report(summary))
     write_json(out_dir / "summary.json", summary)
