@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -87,9 +86,9 @@ def measured_stage(root: Path, stage: str) -> dict:
     """Run the stage's dvc.yaml command as flows.dvc_stages.execute_stage does (own process, this
     interpreter first on PATH), inside RSS_WRAPPER."""
     from flows.dvc_stages import stage_command
+    from flows.stage_host import stage_env
 
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               PYTHONPATH=str(REPO), CI="1")
+    env = stage_env({"PYTHONPATH": str(REPO), "CI": "1"})
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", RSS_WRAPPER, stage_command(root, stage)], cwd=root, env=env,
                           stdout=subprocess.PIPE, text=True)

@@ -21,7 +21,6 @@ for _noisy in ("torchao", "torch.utils._pytree"):
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
-
 class _DropMessage(logging.Filter):
     def __init__(self, prefix: str) -> None:
         super().__init__()
