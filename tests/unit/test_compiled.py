@@ -42,6 +42,9 @@ def test_program_stores_int8_weights_once_and_counts_every_weight(built):
     assert param_counts(model)[1] == param_counts(fp32)[1]
     assert not any(p.dtype == torch.float32 and p.dim() == 2 and p.shape[0] > 8 for p in model.parameters())  # no FP32 copies
     assert weight_bytes(model) < 0.3 * weight_bytes(fp32)
+    ops = {str(node.target) for node in model.graph.graph.nodes}
+    assert not any("scaled_dot_product" in op for op in ops)  # attention exported as matmul + softmax, for Inductor to fuse
+    assert "aten.softmax.int" in ops or "aten._softmax.default" in ops
     assert (path / PROGRAM_FILE).stat().st_size < 0.5 * weight_bytes(fp32)  # FP32 copies would make it > 1.0
     count, held = quantized_weight_stats(model)
     assert count == quantized and count < held < 1.2 * count  # int8 plus per-channel scales and zero points
