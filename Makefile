@@ -43,8 +43,9 @@ bench: install
 # As modules (python -m): a script path would put bench/ itself on sys.path, and `bench.common` would not import.
 # quant writes bench/results/quant-<int8 kernel family of this CPU>.json: each kind of CPU keeps its own figures.
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.quant
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.truth --out bench/results/truth.json
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.overhead --out bench/results/overhead.json
+# truth checks the figures of the project `lowbit run` just made in bench.overhead, right after it, on the same machine state.
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.truth --project bench/.work/overhead-default-lowbit --out bench/results/truth.json
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.scaling --out bench/results/scaling.json
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.peft --out bench/results/peft.json
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.runners --out bench/results/runners.json

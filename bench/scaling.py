@@ -2,6 +2,7 @@
 
 Run: python -m bench.scaling [--rows 1000 4000 16000 full] [--lengths 64 128]
                              [--out bench/results/scaling.json] [--plot bench/results/scaling.png]
+                             [--add-to bench/results/scaling.json]  (measure only the points given, keep the rest)
 Time: about 1.5 hours for the default grid on an idle 2-core machine: baseline about 30 s per 1k
 training rows (bench/results/quant.json: 100-130 s for 4,000), over about 73k training rows a length
 (900 + 3,600 + 14,400 + about 54,000), plus about a minute a point. Max length 128 costs about what 64
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -63,6 +65,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128], help="model.max_length values")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--plot", type=Path, help="PNG path (default: scaling.png next to --out, or bench/results/)")
+    parser.add_argument("--add-to", type=Path, metavar="JSON",
+                        help="an earlier result of this benchmark on this CPU: its points are kept where this run does not "
+                             "measure the same (max length, rows) again, and the fits, spreads and plot cover them all")
     args = parser.parse_args()
     try:
         args.rows = [None if r == "full" else int(r) for r in args.rows]
@@ -204,20 +209,42 @@ def plot(points: list[dict], lengths: list[int], path: Path) -> None:
     save_png(fig, path)
 
 
+def earlier_points(path: Path, hardware: dict) -> list[dict]:
+    """The points of an earlier scaling result, refused when they come from another kind of CPU or thread count
+    (a fit across machines would measure the machines)."""
+    earlier = json.loads(path.read_text())
+    if earlier.get("benchmark") != "scaling":
+        sys.exit(f"--add-to {path}: not a result of bench.scaling (benchmark: {earlier.get('benchmark')!r})")
+    mine = {"cpu": cpu_model(), "int8_kernels": hardware["int8_kernels"], "threads": torch.get_num_threads()}
+    theirs = {"cpu": earlier.get("cpu"), "int8_kernels": earlier.get("hardware", {}).get("int8_kernels"),
+              "threads": earlier.get("threads")}
+    if mine != theirs:
+        sys.exit(f"--add-to {path}: measured on {theirs}, this machine is {mine}; rerun every point here instead")
+    return earlier["points"]
+
+
 def main() -> None:
     args = parse_args()
     require_sst2()
     from lowbit.hardware import detect
 
+    hardware = detect().describe()
+    earlier = earlier_points(args.add_to, hardware) if args.add_to else []
     points = [run_point(length, rows) for length in args.lengths for rows in args.rows]
-    figures, targets = derived(points, args.lengths)
-    plot(points, args.lengths, args.plot)
+    measured = {(p["max_length"], p["max_rows"]) for p in points}
+    points = sorted([*points, *(p for p in earlier if (p["max_length"], p["max_rows"]) not in measured)],
+                    key=lambda p: (p["max_length"], p["train_rows"]))
+    lengths = sorted({p["max_length"] for p in points})
+    rows = sorted({p["max_rows"] for p in points}, key=lambda r: math.inf if r is None else r)
+    figures, targets = derived(points, lengths)
+    plot(points, lengths, args.plot)
     result = {
         "benchmark": "scaling",
         "data": (f"SST-2 (Socher et al., 2013) from {SST2}: train.tsv sampled with seed 0 to data.max_rows "
                  "(null = all), 10% held out for validation, 1 epoch; test: 872 dev rows (seed 0)"),
-        "rows": ["full" if r is None else r for r in args.rows], "max_lengths": args.lengths, "stages": list(STAGES),
-        "torch": torch.__version__, "cpu": cpu_model(), "hardware": detect().describe(), "threads": torch.get_num_threads(),
+        "rows": ["full" if r is None else r for r in rows], "max_lengths": lengths, "stages": list(STAGES),
+        "torch": torch.__version__, "cpu": cpu_model(), "hardware": hardware, "threads": torch.get_num_threads(),
+        **({"points_added_to": str(args.add_to)} if earlier else {}),
         "plot": str(args.plot), "points": points, **figures, "targets": targets,
     }
     emit(result, args.out)
