@@ -39,9 +39,10 @@ MEMORY = "serving_memory_bytes"  # the Pareto plot's and front's memory axis
 
 def build_summary(
     records: dict[str, dict], max_accuracy_drop: float, sensitivity: list[dict] | None = None,
-    missing: dict[str, dict] | None = None,
+    missing: dict[str, dict] | None = None, hardware: dict | None = None,
 ) -> dict:
-    """`missing`: {stage: {"reason": error, "variants": names left out}} for stages that failed."""
+    """`missing`: {stage: {"reason": error, "variants": names left out}} for stages that failed;
+    `hardware`: the evaluate stage's machine (lowbit.hardware.describe_environment()), for the speed guide."""
     if not records:
         raise LowbitError("no evaluated variants: nothing to report")
     base = records[BASELINE]["metrics"] if BASELINE in records else None
@@ -60,7 +61,38 @@ def build_summary(
     for row in rows:
         row["pareto"] = row["variant"] in front
     return {"task": task, "quality_metric": quality, "rows": rows, "sensitivity": sensitivity or [],
-            "missing": missing or {}, "recommendation": recommendation(rows, base, max_accuracy_drop, quality)}
+            "missing": missing or {}, "recommendation": recommendation(rows, base, max_accuracy_drop, quality),
+            "hardware": hardware}
+
+
+# What each x86 int8 kernel family does with an int8 GEMM (lowbit.hardware.int8_kernel_family).
+INT8_KERNELS = {
+    "amx": "AMX tiles: the int8 variants (dynamic, static, compiled) gain the most here",
+    "vnni": "VNNI dot products: the int8 variants (dynamic, static, compiled) gain the most here",
+    "avx2": "AVX2 pair products that saturate at int16: the int8 variants gain less than with VNNI or AMX",
+    "generic": "no x86 int8 instructions: the int8 variants are not expected to be faster than FP32",
+}
+
+
+def speed_guide(hardware: dict | None) -> str | None:
+    """Which kinds of variant this machine runs fast, from the capabilities the evaluate stage recorded
+    (lowbit.hardware.Capabilities.describe()): the speed columns hold for this kind of machine only.
+    None for results that predate the record. A rule of thumb per capability, not a measurement;
+    bench/quant.py measures each CPU kind (README, Performance)."""
+    if not hardware:
+        return None
+    kernels = hardware.get("int8_kernels", "generic")
+    flags = ", ".join(hardware.get("cpu_flags", [])) or "none of those lowbit looks for"
+    bf16 = ("bf16 matmuls are native here, so `half_bf16` and the bitsandbytes variants (NF4, LLM.int8; their "
+            "CPU kernels compute in bf16) can beat FP32" if hardware.get("cpu_bf16_matmul") else
+            "this CPU has no native bf16 matmul, so `half_bf16` and the bitsandbytes variants (NF4, LLM.int8; their "
+            "CPU kernels compute in bf16) run emulated, several times slower than FP32: they save memory, not time")
+    lines = [f"Speed figures are for this kind of machine: {hardware.get('cores', '?')} cores, CPU flags {flags}. "
+             f"int8 kernels: {INT8_KERNELS.get(kernels, INT8_KERNELS['generic'])}; {bf16}; `half_fp16` has no FP16 "
+             "arithmetic on x86 CPUs before AVX512-FP16/AMX-FP16 and runs slowest."]
+    if hardware.get("cuda"):
+        lines.append("A CUDA device was present: variants placed on it (bitsandbytes, half precision) were timed there.")
+    return " ".join(lines)
 
 
 def recommendation(rows: list[dict], base: dict | None, max_accuracy_drop: float, quality: str = "accuracy") -> dict:
@@ -235,7 +267,10 @@ def markdown_report(summary: dict) -> str:
                   *missing_lines(summary["missing"]), ""]
     kind = task_report(summary)
     parts += [variants_table(summary), "", recommendation_line(summary["recommendation"]), "", kind.legend, "",
-              kind.figures, *sample_lines(summary["rows"])]
+              kind.figures]
+    guide = speed_guide(summary.get("hardware"))
+    parts += ["", guide] if guide else []
+    parts += sample_lines(summary["rows"])
     if summary.get("sensitivity"):
         parts += ["", "Most quantization-sensitive layers (one layer int8 at a time, validation split; "
                   "candidates for ptq.skip_modules):", "", sensitivity_table(summary["sensitivity"][:10])]

@@ -19,9 +19,11 @@ def run(params: Params, paths: Paths) -> dict:
     if not records:
         raise LowbitError(f"no metrics under {paths.metrics}; run the evaluate stage first")
     sensitivity = paths.models / "ptq" / "sensitivity.json"
-    missing = read_json(paths.metrics / RESULT_FILE).get("missing", {})  # stages that failed in this run
+    evaluated = read_json(paths.metrics / RESULT_FILE)
     summary = build_summary(records, params.report.max_accuracy_drop,
-                            read_json(sensitivity) if sensitivity.is_file() else None, missing)
+                            read_json(sensitivity) if sensitivity.is_file() else None,
+                            evaluated.get("missing", {}),  # stages that failed in this run
+                            evaluated.get("hardware"))  # the machine the speed figures come from
     summary["stage_seconds"] = clock.seconds()
     write_report(summary, paths.reports)
     return {"recommendation": summary["recommendation"], "stage_seconds": summary["stage_seconds"]}

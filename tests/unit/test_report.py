@@ -4,7 +4,7 @@ import pytest
 from lowbit.calibration import per_class_report, reliability_bins
 
 from lowbit.errors import LowbitError
-from lowbit.report import build_summary, label_groups, markdown_report, pareto_front, write_report
+from lowbit.report import build_summary, label_groups, markdown_report, pareto_front, speed_guide, write_report
 
 
 def record(accuracy, weight_bytes):
@@ -164,3 +164,27 @@ def test_table_shows_the_interval_the_significance_mark_and_calibrated_ece():
     assert "| fp32 | 0.9000 [0.871, 0.925] | +0.00 |" in table
     assert "| ptq_nf4 | 0.8500 [0.880, 0.920] | -5.00† |" in table
     assert "0.0500 → 0.0123" in table
+
+
+def hardware(kernels: str, bf16: bool, cuda: bool = False) -> dict:
+    flags = {"amx": ["amx_int8", "avx512_vnni"], "vnni": ["avx512_vnni"], "avx2": ["avx2"], "generic": []}[kernels]
+    return {"cores": 2, "cpu_flags": flags, "int8_kernels": kernels, "cpu_bf16_matmul": bf16, "cuda": cuda}
+
+
+@pytest.mark.parametrize("kernels, gains", [("amx", "AMX tiles"), ("vnni", "VNNI dot products"),
+                                            ("avx2", "saturate at int16"), ("generic", "not expected to be faster")])
+def test_speed_guide_names_what_this_cpu_kind_runs_fast(kernels, gains):
+    guide = speed_guide(hardware(kernels, bf16=False))
+    assert gains in guide
+    assert "no native bf16 matmul" in guide and "save memory, not time" in guide
+    assert "half_fp16" in guide and "CUDA" not in guide
+
+
+def test_speed_guide_with_native_bf16_and_cuda_and_without_a_record():
+    guide = speed_guide(hardware("vnni", bf16=True, cuda=True))
+    assert "bf16 matmuls are native here" in guide and "can beat FP32" in guide and "emulated" not in guide
+    assert "CUDA device was present" in guide
+    assert speed_guide(None) is None  # results from before the evaluate stage recorded its machine
+    assert "Speed figures are for" not in markdown_report(build_summary(RECORDS, 1.0))
+    text = markdown_report(build_summary(RECORDS, 1.0, hardware=hardware("avx2", bf16=False)))
+    assert "CPU flags avx2" in text and "saturate at int16" in text
