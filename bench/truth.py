@@ -2,9 +2,10 @@
 
 Run: python -m bench.truth [--project DIR] [--variants fp32 ptq_nf4 ...] [--out bench/results/truth.json]
 DIR is a finished lowbit project (metrics/*.json, models/, data/prepared/, params.yaml); the default is this
-checkout. About 40 s a variant on an idle 2-core machine, 1-2 min more for ptq_int8_static_compiled (it compiles
-in two of its processes): about 13 minutes for the 17 default variants; twice that and more while other work runs.
---rss-repeats N measures each peak N times (the median counts): fresh-process peaks varied by ±5% here.
+checkout (`make bench` passes the project bench.overhead made). About 70 s a variant on an idle 2-core machine,
+2-3 min for ptq_int8_static_compiled (it compiles in each of its processes): about 22 minutes for the 18 default
+variants; twice that and more while other work runs. --rss-repeats N (default 3) measures each peak N times: the
+median is the independent figure and the range judges the one reported run (run_spread).
 
 Each variant's figures (metrics/<variant>.json) are measured again, each kind in a fresh process of its
 own (`python -m bench.truth --child KIND ...`), and never through lowbit's measuring code (lowbit.measure,
@@ -459,10 +460,24 @@ def check_peak_rss(metrics: dict, rss: dict, measured: dict, forked: dict, peaks
         why += (f"; the fresh-process peak varied {mib(min(peaks))}–{mib(max(peaks))} over {len(peaks)} runs "
                 f"(the median run is the figure)")
     return compare(metrics.get("peak_rss_bytes"), peak, why, method=method, independent_runs=peaks,
+                   **run_spread(metrics.get("peak_rss_bytes"), peaks),
                    peak_rss_wait4_bytes=measured["peak_rss_wait4_bytes"], fresh_before_model=before, fresh_end=end)
 
 
-def check_serving_memory(metrics: dict, rss: dict, peak: int, floor: int) -> dict:
+def run_spread(reported: float | None, runs: list[float]) -> dict:
+    """One process's peak RSS is not one number: the same variant, evaluated in identical fresh processes (or
+    children forked from one server), peaked up to ~7% apart here (2 threads: which thread's allocator arena
+    holds which buffer varies run to run; with 1 thread the spread was ~1%). The reported figure is one such
+    run, so besides the 2% check it is judged against the independent runs' own range: within_run_spread is
+    true when it lies inside [min, max] of them, widened by the tolerance. Needs 3 runs (--rss-repeats)."""
+    if reported is None or len(runs) < 3:
+        return {"run_spread": None, "within_run_spread": None}
+    low, high = min(runs), max(runs)
+    return {"run_spread": (high - low) / statistics.median(runs),
+            "within_run_spread": (1 - TOLERANCE) * low <= reported <= (1 + TOLERANCE) * high}
+
+
+def check_serving_memory(metrics: dict, rss: dict, peak: int, floor: int, peaks: list[int]) -> dict:
     reported = metrics.get("serving_memory_bytes")
     touched = rss["end"]["RssFile"] - rss["before_model"]["RssFile"]
     why = (f"independent: fresh-process peak {mib(peak)} − fresh-process floor {mib(floor)}; in it the variant's "
@@ -470,15 +485,18 @@ def check_serving_memory(metrics: dict, rss: dict, peak: int, floor: int) -> dic
            f"figures: judge by abs_diff as well as relative_diff (fresh-process peaks vary by a few percent run to run)")
     if reported is None:
         why = "not reported: these metrics predate lowbit.isolation (no serving_memory_bytes); " + why
-    return compare(reported, peak - floor, why)
+    return compare(reported, peak - floor, why, independent_runs=[p - floor for p in peaks],
+                   **run_spread(reported, [p - floor for p in peaks]))
 
 
-def check_latency(metrics: dict, latency: dict, rss: dict, loadavg: tuple) -> dict:
+def check_latency(metrics: dict, latency: dict, harness: list[float], loadavg: tuple) -> dict:
+    """`harness`: lowbit's own latency figure from each peak-RSS child (a fresh process each)."""
     runs, reported = latency["p50_runs"], metrics["latency_ms_p50"]
     independent = statistics.median(runs)
-    now = rss["lowbit_latency_ms_p50_now"]
+    now = statistics.median(harness)
     why = (f"independent p50s {min(runs):.2f}–{max(runs):.2f} ms over {len(runs)} loops; lowbit's own harness rerun "
-           f"now (in the peak-RSS child) gives {now:.2f} ms ({(now - independent) / independent:+.1%} from this loop); "
+           f"now in {len(harness)} fresh process(es) gives {min(harness):.2f}–{max(harness):.2f} ms (median "
+           f"{(now - independent) / independent:+.1%} from this loop); "
            f"load average {loadavg[0]:.2f} on {os.cpu_count()} cores: ")
     noisy = max(runs) > (1 + 5 * TOLERANCE) * min(runs) or loadavg[0] > (os.cpu_count() or 1)
     if noisy:
@@ -496,7 +514,7 @@ def check_latency(metrics: dict, latency: dict, rss: dict, loadavg: tuple) -> di
         why += f"; the timed loops included {latency['compile_seconds_in_timed_loops']:.1f} s of compilation"
     result = compare(reported, independent, why, independent_p50_runs=runs,
                      independent_p95=statistics.median(latency["p95_runs"]), reported_p95=metrics.get("latency_ms_p95"),
-                     lowbit_harness_p50_now=now, loadavg=list(loadavg))
+                     lowbit_harness_p50_now=now, lowbit_harness_p50_runs=harness, loadavg=list(loadavg))
     if noisy:
         result["within_2pct"] = None  # an agreement measured on a contended CPU would be luck
     return result
@@ -519,8 +537,8 @@ def check_variant(project: Path, path: Path, floor: int, forked: dict, args: arg
         "bits_per_param": check_bits_per_param(metrics, files),
         "disk_bytes": check_disk_bytes(metrics, files, path.stat().st_mtime),
         "peak_rss_bytes": check_peak_rss(metrics, rss, measured, forked, peaks),
-        "serving_memory_bytes": check_serving_memory(metrics, rss, measured["peak_rss_bytes"], floor),
-        "latency_ms_p50": check_latency(metrics, latency, rss, loadavg),
+        "serving_memory_bytes": check_serving_memory(metrics, rss, measured["peak_rss_bytes"], floor, peaks),
+        "latency_ms_p50": check_latency(metrics, latency, [run[0]["lowbit_latency_ms_p50_now"] for run in runs], loadavg),
     }
     seconds = {"files": files_run["seconds"], "rss": sum(run[1]["seconds"] for run in runs), "latency": latency_run["seconds"]}
     return {"format": record["format"], "model_dir": str(model_dir), "threads": threads, "checks": checks,
@@ -530,8 +548,13 @@ def check_variant(project: Path, path: Path, floor: int, forked: dict, args: arg
 def summary(variants: dict, extra_checks: dict) -> dict:
     results = [(f"{v}.{name}", c["within_2pct"]) for v, r in variants.items() for name, c in r["checks"].items()]
     results += [(name, c["within_2pct"]) for name, c in extra_checks.items()]
+    spread = {f"{v}.{name}": c["within_run_spread"] for v, r in variants.items() for name, c in r["checks"].items()
+              if c.get("within_run_spread") is not None}
     return {"checks": len(results), "within_2pct": sum(ok is True for _, ok in results),
             "not_within_2pct": [name for name, r in results if r is False],
+            # memory checks that miss 2% but lie inside the spread of the independent runs themselves
+            "not_within_2pct_but_within_run_spread": [name for name, r in results if r is False and spread.get(name)],
+            "outside_run_spread": [name for name, ok in spread.items() if not ok],
             "not_comparable": [name for name, r in results if r is None],
             "failed_variants": [v for v, r in variants.items() if "error" in r]}
 
@@ -565,8 +588,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", help="check only these variants (default: every metrics/<variant>.json)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     parser.add_argument("--latency-repeats", type=int, default=3, help="timing loops per variant (median of their p50s)")
-    parser.add_argument("--rss-repeats", type=int, default=1,
-                        help="fresh peak-RSS processes per variant (the median is the figure; it varied ±5%% here)")
+    parser.add_argument("--rss-repeats", type=int, default=3,
+                        help="fresh peak-RSS processes per variant (the median is the figure, the range judges the "
+                             "reported run: see run_spread; 3 or more)")
     child = parser.add_argument_group("child processes (internal)")
     child.add_argument("--child", choices=("files", "floor", "forked", "rss", "latency"), help=argparse.SUPPRESS)
     child.add_argument("--result", help=argparse.SUPPRESS)
