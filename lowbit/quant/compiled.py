@@ -9,9 +9,10 @@ dequantizing and re-laying out activations between every pair of layers. Here th
 forward pass is one exported graph; `convert_pt2e` folds the weights to int8 constants,
 and Inductor (with freezing) fuses quantize/dequantize into oneDNN int8 linears and the
 element-wise work around them, attention's scale, mask and softmax included (the model is
-exported with eager attention for that; attention's two matmuls stay FP32). The price is compilation on the first call (batch and
-sequence length are symbolic, one program serves every shape, a batch of 1 included):
-`compile_seconds` measures it, and Inductor's on-disk cache makes later runs cheaper.
+exported with eager attention for that; attention's two matmuls stay FP32). The price is
+compilation on the first call (batch and sequence length are symbolic, one program serves
+every shape, a batch of 1 included): `compile_seconds` measures it, and Inductor's on-disk
+cache makes later runs cheaper.
 
 Embeddings are quantized per row with lowbit's Int8Embedding before export (the
 quantizer handles linear layers only); ptq.skip_modules stay in FP32.
