@@ -28,12 +28,16 @@ Per stage:
 Derived: seconds per 1k training rows, a least-squares line of stage_seconds vs training rows per
 stage and length (slope, intercept, R²), rss_spread = (max − min) / min over the row counts.
 
-Training memory peaks at the longest padded batch, so each point also records
-`longest_train_tokens` (the training split's longest example, tokenized at the point's max
-length): a larger sample is more likely to hold a longer example, up to the max-length cap or
-the corpus's longest. `baseline_rss_spread_same_longest` is the baseline's spread over the points
-whose longest example is as long as the largest sample's, where the row count is the only
-difference left (null with fewer than two such points).
+Memory peaks at the longest padded batch (training's, and evaluation's: the evaluate stage also
+predicts the validation split, 10% of the rows, to fit its calibrator), so each point also records
+`longest_train_tokens` and `longest_val_tokens` (each split's longest example, tokenized at the
+point's max length): a larger sample is more likely to hold a longer example, up to the max-length
+cap or the corpus's longest. `rss_spread_same_longest` is a stage's spread over the points whose
+longest example is as long as the largest sample's, where the row count is the only difference
+left (null with fewer than two such points).
+
+`--add-to FILE --rows` (no row counts) measures nothing and recomputes the derived figures, the
+targets and the plot of an earlier result.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import REPO, SST2, emit, make_project, require_sst2, stage_result
+from bench.common import REPO, SST2, WORK, emit, make_project, require_sst2, stage_result
 from bench.quant import cpu_model
 
 STAGES = ("prepare", "baseline", "evaluate")
@@ -60,7 +64,7 @@ MIB = 2**20
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="+", default=["1000", "4000", "16000", "full"],
+    parser.add_argument("--rows", nargs="*", default=["1000", "4000", "16000", "full"],
                         help='data.max_rows values; "full" = every row of train.tsv')
     parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128], help="model.max_length values")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
@@ -73,6 +77,8 @@ def parse_args() -> argparse.Namespace:
         args.rows = [None if r == "full" else int(r) for r in args.rows]
     except ValueError:
         parser.error(f"--rows: integers or 'full', got {args.rows}")
+    if not args.rows and not args.add_to:
+        parser.error("--rows with no row counts only recomputes an earlier result: give --add-to FILE")
     args.plot = args.plot or (args.out.parent if args.out else REPO / "bench" / "results") / "scaling.png"
     return args
 
@@ -116,8 +122,12 @@ def measured_stage(root: Path, stage: str) -> dict:
     return figures | ({"rows": result["rows"]} if stage == "prepare" else {})
 
 
+def point_name(length: int, rows: int | None) -> str:
+    return f"scaling-len{length}-rows{rows or 'full'}"
+
+
 def run_point(length: int, rows: int | None) -> dict:
-    root = make_project(f"scaling-len{length}-rows{rows or 'full'}", 0,
+    root = make_project(point_name(length, rows), 0,
                         [f"data.max_rows={'null' if rows is None else rows}", f"model.max_length={length}"])
     stages = {}
     for stage in STAGES:
@@ -128,17 +138,26 @@ def run_point(length: int, rows: int | None) -> dict:
     for figures in stages.values():
         figures["seconds_per_1k_train_rows"] = figures["stage_seconds"] / (train_rows / 1000)
     return {"max_length": length, "max_rows": rows, "train_rows": train_rows, "split_rows": split_rows,
-            "longest_train_tokens": longest_train_tokens(root, length), "stages": stages}
+            "longest_train_tokens": longest_tokens(root, "train", length),
+            "longest_val_tokens": longest_tokens(root, "val", length), "stages": stages}
 
 
-def longest_train_tokens(root: Path, length: int) -> int:
-    """Tokens of the training split's longest example, truncated at `length` as training truncates it."""
+def longest_tokens(root: Path, split: str, length: int) -> int:
+    """Tokens of the split's longest example, truncated at `length` as training and evaluation truncate it."""
     import pandas as pd
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(root / "models" / "baseline"))
-    texts = pd.read_parquet(root / "data" / "prepared" / "train.parquet")["text"].tolist()
+    texts = pd.read_parquet(root / "data" / "prepared" / f"{split}.parquet")["text"].tolist()
     return max(len(ids) for ids in tokenizer(texts, truncation=True, max_length=length)["input_ids"])
+
+
+def with_longest_val(point: dict) -> dict:
+    """An earlier point without longest_val_tokens gets it from its project, where that is still on disk."""
+    root = WORK / f"{point_name(point['max_length'], point['max_rows'])}-seed0"
+    if "longest_val_tokens" not in point and (root / "data" / "prepared" / "val.parquet").is_file():
+        point["longest_val_tokens"] = longest_tokens(root, "val", point["max_length"])
+    return point
 
 
 def line_fit(x: list[float], y: list[float]) -> dict | None:
@@ -160,9 +179,8 @@ def derived(points: list[dict], lengths: list[int]) -> tuple[dict, dict]:
         fits[length] = {s: line_fit(x, [p["stages"][s]["stage_seconds"] for p in series]) for s in STAGES}
         rss = {s: [p["stages"][s]["peak_rss_bytes"] for p in series] for s in STAGES}
         spreads[length] = {s: (max(v) - min(v)) / min(v) for s, v in rss.items()}
-        longest = max(p["longest_train_tokens"] for p in series)
-        same = [p["stages"]["baseline"]["peak_rss_bytes"] for p in series if p["longest_train_tokens"] == longest]
-        same_longest[length] = (max(same) - min(same)) / min(same) if len(same) > 1 else None
+        same_longest[length] = {stage: same_longest_spread(series, stage, key)
+                                for stage, key in (("baseline", "longest_train_tokens"), ("evaluate", "longest_val_tokens"))}
     baseline_r2 = {length: fits[length]["baseline"] and fits[length]["baseline"]["r2"] for length in lengths}
     targets = {
         "time_linear": {
@@ -174,16 +192,29 @@ def derived(points: list[dict], lengths: list[int]) -> tuple[dict, dict]:
             **{f"max_length_{n}": {s: {"rss_spread": v, "met": v <= RSS_SPREAD_MAX} for s, v in spreads[n].items()}
                for n in lengths},
         },
-        "baseline_rss_flat_within_15pct_same_longest": {
-            "criterion": f"baseline peak_rss_bytes spread <= {RSS_SPREAD_MAX} over the points whose longest training "
-                         "example is as long as the largest sample's (the same longest batch; only the row count differs)",
-            **{f"max_length_{n}": {"rss_spread": v, "met": v is not None and v <= RSS_SPREAD_MAX}
-               for n, v in same_longest.items()},
+        "rss_flat_within_15pct_same_longest": {
+            "criterion": f"peak_rss_bytes spread <= {RSS_SPREAD_MAX} over the points whose longest example is as long as "
+                         "the largest sample's (the same longest batch; only the row count differs): training's longest "
+                         "for baseline, the validation split's for evaluate (its calibrator predicts that split; the "
+                         "test sample is the same at every point)",
+            **{f"max_length_{n}": {stage: {"rss_spread": v, "met": v is not None and v <= RSS_SPREAD_MAX}
+                                   for stage, v in by_stage.items()}
+               for n, by_stage in same_longest.items()},
         },
     }
     return {"linear_fit_stage_seconds_vs_train_rows": {f"max_length_{n}": f for n, f in fits.items()},
             "rss_spread": {f"max_length_{n}": s for n, s in spreads.items()},
-            "baseline_rss_spread_same_longest": {f"max_length_{n}": v for n, v in same_longest.items()}}, targets
+            "rss_spread_same_longest": {f"max_length_{n}": v for n, v in same_longest.items()}}, targets
+
+
+def same_longest_spread(series: list[dict], stage: str, key: str) -> float | None:
+    """The stage's peak-RSS spread over the points whose `key` (longest example) equals the largest sample's;
+    None with fewer than two such points, or where the points lack the figure."""
+    if any(key not in p for p in series):
+        return None
+    longest = max(series, key=lambda p: p["train_rows"])[key]
+    same = [p["stages"][stage]["peak_rss_bytes"] for p in series if p[key] == longest]
+    return (max(same) - min(same)) / min(same) if len(same) > 1 else None
 
 
 def plot(points: list[dict], lengths: list[int], path: Path) -> None:
@@ -229,7 +260,7 @@ def main() -> None:
     from lowbit.hardware import detect
 
     hardware = detect().describe()
-    earlier = earlier_points(args.add_to, hardware) if args.add_to else []
+    earlier = [with_longest_val(p) for p in earlier_points(args.add_to, hardware)] if args.add_to else []
     points = [run_point(length, rows) for length in args.lengths for rows in args.rows]
     measured = {(p["max_length"], p["max_rows"]) for p in points}
     points = sorted([*points, *(p for p in earlier if (p["max_length"], p["max_rows"]) not in measured)],
