@@ -80,10 +80,14 @@ CORPORA = ("sst2", "sst2-long")
 LONG_TEST_ROWS = 300
 
 
+def project_root(name: str, seed: int) -> Path:
+    return WORK / f"{name}-seed{seed}"
+
+
 def make_project(name: str, seed: int, overrides: list[str], corpus: str = "sst2") -> Path:
     from lowbit.config import write_overrides
 
-    root = WORK / f"{name}-seed{seed}"
+    root = project_root(name, seed)
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     shutil.copy2(REPO / "params.yaml", root / "params.yaml")
@@ -103,7 +107,7 @@ def project(name: str, seed: int, overrides: list[str], reuse: bool, corpus: str
     """A seed's project: made afresh, or (reuse) the one a previous run left, checked to exist."""
     if not reuse:
         return make_project(name, seed, overrides, corpus)
-    root = WORK / f"{name}-seed{seed}"
+    root = project_root(name, seed)
     if not (root / "models").is_dir():
         sys.exit(f"--reuse: {root} has no trained models; run without --reuse first")
     return root

@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import REPO, SST2, WORK, emit, make_project, require_sst2, stage_result
+from bench.common import REPO, SST2, emit, make_project, project_root, require_sst2, stage_result
 from bench.quant import cpu_model
 
 STAGES = ("prepare", "baseline", "evaluate")
@@ -154,7 +154,7 @@ def longest_tokens(root: Path, split: str, length: int) -> int:
 
 def with_longest_val(point: dict) -> dict:
     """An earlier point without longest_val_tokens gets it from its project, where that is still on disk."""
-    root = WORK / f"{point_name(point['max_length'], point['max_rows'])}-seed0"
+    root = project_root(point_name(point["max_length"], point["max_rows"]), 0)
     if "longest_val_tokens" not in point and (root / "data" / "prepared" / "val.parquet").is_file():
         point["longest_val_tokens"] = longest_tokens(root, "val", point["max_length"])
     return point
