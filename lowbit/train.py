@@ -213,7 +213,8 @@ def train(
             history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": val_accuracy})
             if val_accuracy > best[0]:
                 best = (val_accuracy, epoch)
-                best_state = snapshot(model)
+                if epoch < cfg.epochs:  # the last epoch is kept as it is: a copy would only add to the peak
+                    best_state = snapshot(model)
     if best[1] != cfg.epochs:
         restore(model, best_state)
     peak = peak_rss_bytes()

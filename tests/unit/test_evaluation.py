@@ -51,7 +51,8 @@ def test_a_ragged_last_batch_compiles_in_the_warm_up_not_in_the_timed_pass():
 
 
 def test_length_ordered_batches_give_every_row_its_own_logits(tmp_path):
-    """Rows are batched shortest first (less padding) and every output comes back in row order."""
+    """Rows are batched by length (less padding), longest first for predictions (memory), and every output
+    comes back in row order."""
     from lowbit.config import ModelParams
     from lowbit.evaluation import in_length_order, predict_in_length_order
     from lowbit.models import load_classifier
@@ -66,6 +67,9 @@ def test_length_ordered_batches_give_every_row_its_own_logits(tmp_path):
     ordered, back = in_length_order(tokenizer, frame, 32)
     assert [len(t.split()) for t in ordered["text"]] == sorted(len(t.split()) for t in texts)
     assert ordered["label"].to_numpy()[back].tolist() == list(range(10))
+    longest_first, back = in_length_order(tokenizer, frame, 32, longest_first=True)
+    assert longest_first["label"].tolist() == [8, 2, 6, 0, 4, 5, 9, 7, 1, 3]  # 20, 14, 11, 9, 6, 6 (row order), 5, ...
+    assert longest_first["label"].to_numpy()[back].tolist() == list(range(10))
     logits, labels = predict_in_length_order(model, tokenizer, frame, 4, 32)
     reference, _ = predict_logits(model, make_loader(tokenizer, frame, 4, 32))  # split order, padded more
     assert labels.tolist() == list(range(10))

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from lowbit.builtin_data import generate_reviews
 from lowbit.config import ModelParams, TrainParams
@@ -56,3 +57,23 @@ def test_training_is_reproducible_for_a_seed(tmp_path):
         train(model, tokenizer, train_frame, val_frame, cfg(epochs=1), max_length=32)
         outs.append(predict_logits(model, make_loader(tokenizer, val_frame, 64, 32))[0])
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+
+
+
+def test_the_last_epoch_is_not_copied_and_an_earlier_best_is_restored(tiny, monkeypatch):
+    """A copy of the weights is taken only for a best epoch that later epochs could spoil: the last
+    epoch, best or not, is never copied (a copy would only add its size to the training peak)."""
+    import lowbit.task_types.sequence_classification as classification
+    import lowbit.train as training
+
+    model, tokenizer = tiny
+    train_frame, val_frame = frames()
+    copies, take_copy = [], training.snapshot
+    monkeypatch.setattr(training, "snapshot", lambda m: copies.append(take_copy(m)) or copies[-1])
+    for scores, best_epoch, copied in (([0.2, 0.3, 0.4], 3, 2), ([0.5, 0.3, 0.4], 1, 1)):
+        copies.clear()
+        monkeypatch.setattr(classification, "validation_score", lambda *_, s=iter(scores): next(s))
+        assert train(model, tokenizer, train_frame, val_frame, cfg(epochs=3), max_length=32).best_epoch == best_epoch
+        assert len(copies) == copied
+    for name, tensor in training.trained_tensors(model).items():  # the first epoch's weights, restored
+        assert torch.equal(tensor, copies[0][name]), name
