@@ -32,6 +32,15 @@ WORK = REPO / "bench" / ".work"
 TEST_ROWS = 872
 
 
+def code_version() -> str:
+    """The checkout's commit, '+dirty' when tracked files differ from it: which code a measurement ran."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def require_sst2() -> None:
     if not (SST2 / "train.tsv").is_file():
         sys.exit(f"SST-2 not found at {SST2}; the benchmarks need ../shared/data/sst2")

@@ -17,6 +17,7 @@ epoch, and only the stages prepare, baseline and evaluate (which then measures t
 the fixed 872-row dev sample). Training rows are the prepare stage's own count (about 0.9 x rows:
 10% goes to validation, and rows found in the dev sample are dropped first).
 
+Each point records `lowbit_commit`, the code that measured it (points kept by --add-to may be older).
 Per stage:
 - stage_seconds: the stage's own figure; wall_seconds: its process, interpreter start-up included;
 - process_peak_rss_bytes: ru_maxrss of the stage's process, read by a fresh wrapper process whose only
@@ -53,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import REPO, SST2, emit, make_project, project_root, require_sst2, stage_result
+from bench.common import REPO, SST2, code_version, emit, make_project, project_root, require_sst2, stage_result
 from bench.quant import cpu_model
 
 STAGES = ("prepare", "baseline", "evaluate")
@@ -137,7 +138,7 @@ def run_point(length: int, rows: int | None) -> dict:
     train_rows = split_rows["train"]
     for figures in stages.values():
         figures["seconds_per_1k_train_rows"] = figures["stage_seconds"] / (train_rows / 1000)
-    return {"max_length": length, "max_rows": rows, "train_rows": train_rows, "split_rows": split_rows,
+    return {"max_length": length, "max_rows": rows, "lowbit_commit": code_version(), "train_rows": train_rows, "split_rows": split_rows,
             "longest_train_tokens": longest_tokens(root, "train", length),
             "longest_val_tokens": longest_tokens(root, "val", length), "stages": stages}
 
