@@ -213,7 +213,7 @@ def train(
             history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_accuracy": val_accuracy})
             if val_accuracy > best[0]:
                 best = (val_accuracy, epoch)
-                if epoch < cfg.epochs:  # the last epoch is kept as it is: a copy would only add to the peak
+                if epoch < cfg.epochs:  # the last epoch is kept as it is: its copy would never be restored
                     best_state = snapshot(model)
     if best[1] != cfg.epochs:
         restore(model, best_state)

@@ -62,7 +62,7 @@ def test_training_is_reproducible_for_a_seed(tmp_path):
 
 def test_the_last_epoch_is_not_copied_and_an_earlier_best_is_restored(tiny, monkeypatch):
     """A copy of the weights is taken only for a best epoch that later epochs could spoil: the last
-    epoch, best or not, is never copied (a copy would only add its size to the training peak)."""
+    epoch, best or not, is never copied (that copy could never be restored)."""
     import lowbit.task_types.sequence_classification as classification
     import lowbit.train as training
 
