@@ -33,12 +33,12 @@ TEST_ROWS = 872
 
 
 def code_version() -> str:
-    """The checkout's commit, '+dirty' when tracked files differ from it: which code a measurement ran."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    """The checkout's short commit, '+dirty' when tracked files differ from it: which code a measurement ran
+    (the same reading as a pipeline run's lowbit.git_commit and lowbit.git_dirty tags)."""
+    from flows.tracking import git_state
 
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    commit, dirty = git_state(REPO)
+    return commit[:7] + ("+dirty" if dirty else "")
 
 
 def require_sst2() -> None:

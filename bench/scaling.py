@@ -138,8 +138,8 @@ def run_point(length: int, rows: int | None) -> dict:
     train_rows = split_rows["train"]
     for figures in stages.values():
         figures["seconds_per_1k_train_rows"] = figures["stage_seconds"] / (train_rows / 1000)
-    return {"max_length": length, "max_rows": rows, "lowbit_commit": code_version(), "train_rows": train_rows, "split_rows": split_rows,
-            "longest_train_tokens": longest_tokens(root, "train", length),
+    return {"max_length": length, "max_rows": rows, "lowbit_commit": code_version(),
+            "train_rows": train_rows, "split_rows": split_rows, "longest_train_tokens": longest_tokens(root, "train", length),
             "longest_val_tokens": longest_tokens(root, "val", length), "stages": stages}
 
 

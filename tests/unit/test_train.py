@@ -59,7 +59,6 @@ def test_training_is_reproducible_for_a_seed(tmp_path):
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
 
 
-
 def test_the_last_epoch_is_not_copied_and_an_earlier_best_is_restored(tiny, monkeypatch):
     """A copy of the weights is taken only for a best epoch that later epochs could spoil: the last
     epoch, best or not, is never copied (that copy could never be restored)."""
