@@ -120,6 +120,27 @@ def release_free_heap() -> None:
         pass
 
 
+# mallopt's parameter numbers (glibc's malloc.h) and glibc's start-up trim threshold
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+GLIBC_DEFAULT_TRIM_THRESHOLD = 128 * 1024
+
+
+def set_mmap_threshold(size: int) -> bool:
+    """Serve every block of `size` bytes or more that the heap cannot hold with a mapping of its
+    own, unmapped when freed, for the rest of the process (glibc keeps no way back to its
+    self-adjusting threshold; lowbit.hardware.training_mmap_threshold says why training wants it).
+
+    glibc raised its trim threshold along with the mmap one (to twice it); it goes back to its
+    start-up value, so the process is as `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=<size>`
+    would have started it, the setting the figures were measured with. Call release_free_heap
+    next: blocks come from the heap while it has room. False where malloc is not glibc's."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, size)) and bool(mallopt(M_TRIM_THRESHOLD, GLIBC_DEFAULT_TRIM_THRESHOLD))
+
+
 def current_rss_bytes() -> int:
     """Resident memory now; 0 where /proc is unavailable, so training-memory growth then spans
     the process's lifetime peak, as peak_rss_bytes does there."""

@@ -27,8 +27,10 @@ from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmu
 
 from lowbit.config import DeterminismParams, TrainParams
 from lowbit.errors import LowbitError
-from lowbit.hardware import Capabilities, determinism_environment
-from lowbit.measure import current_rss_bytes, peak_rss_bytes, release_free_heap, reset_peak_rss, weight_bytes
+from lowbit.hardware import Capabilities, detect, determinism_environment, training_mmap_threshold
+from lowbit.measure import (
+    current_rss_bytes, peak_rss_bytes, release_free_heap, reset_peak_rss, set_mmap_threshold, weight_bytes,
+)
 from lowbit.models import model_device
 from lowbit.task_types import task_type
 
@@ -156,6 +158,7 @@ class TrainResult:
     peak_rss_growth_bytes: int   # that peak minus the RSS when training started: gradients, optimizer, activations
     train_memory_bytes: int      # derived: weight_bytes of the trained model + peak_rss_growth_bytes
     train_state_bytes: int       # weights + gradients + optimizer state, summed over the tensors at the last step
+    malloc_mmap_threshold_bytes: int | None  # set for training (hardware.training_mmap_threshold); None: malloc's own
     history: list[dict] = field(default_factory=list)
 
     def figures(self) -> dict:
@@ -165,6 +168,7 @@ class TrainResult:
             "train_samples_s": self.train_samples_s, "train_seconds": self.train_seconds,
             "peak_rss_bytes": self.peak_rss_bytes, "peak_rss_growth_bytes": self.peak_rss_growth_bytes,
             "train_memory_bytes": self.train_memory_bytes, "train_state_bytes": self.train_state_bytes,
+            "malloc_mmap_threshold_bytes": self.malloc_mmap_threshold_bytes,
         }
 
 
@@ -176,6 +180,9 @@ def train(
     """`task` (params.yaml model.task) decides how examples are batched and what the validation score is:
     accuracy for a classifier, target-token accuracy for a causal LM (lowbit.task_types)."""
     kind = task_type(task)
+    threshold = training_mmap_threshold(detect(), os.environ.get("GLIBC_TUNABLES", ""))
+    if threshold is not None and not set_mmap_threshold(threshold):
+        threshold = None
     release_free_heap()  # what loading the model took and then freed is not counted as training memory
     reset_peak_rss()
     start_rss = current_rss_bytes()
@@ -220,4 +227,4 @@ def train(
     peak = peak_rss_bytes()
     growth = peak - start_rss
     return TrainResult(best[1], best[0], samples / seconds, seconds, peak, growth,
-                       weight_bytes(model) + growth, state_bytes, history)
+                       weight_bytes(model) + growth, state_bytes, threshold, history)

@@ -1,5 +1,7 @@
 """Every hardware-conditional decision, with each answer injected; QLoRA in every compute dtype on this CPU."""
 
+import platform
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ import torch
 from lowbit import hardware
 from lowbit.hardware import (
     Capabilities, bnb_cpu_repack, cpu_flags, determinism_environment, device_map, evaluation_threads, int8_kernel_family,
-    qlora_compute_dtype, training_optimizer,
+    qlora_compute_dtype, training_mmap_threshold, training_optimizer,
 )
 
 AVX2_CPU = Capabilities(cpu_capability="AVX2", cpu_flags=frozenset({"avx2"}), cores=2)
@@ -83,6 +85,19 @@ def test_deterministic_training_fixes_the_cublas_workspace_on_cuda_only(caps, en
     assert determinism_environment(False, caps) == {}  # switched off: nothing set, on any machine
 
 
+@pytest.mark.parametrize("libc, tunables, threshold", [
+    ("glibc", "", 2 * 2**20),
+    ("glibc", "glibc.malloc.arena_max=2", 2 * 2**20),        # another tunable: training still sets its threshold
+    ("glibc", "glibc.malloc.mmap_threshold=65536", None),    # the user's own threshold is kept
+    ("", "", None),                                          # unknown C library: no mallopt to call
+    ("musl", "", None),
+])
+def test_training_mmap_threshold_only_on_glibc_and_only_where_the_user_set_none(libc, tunables, threshold):
+    for machine in EVERY_MACHINE:  # the C library decides, not the CPU or the GPU
+        caps = Capabilities(**{**machine.__dict__, "libc": libc})
+        assert training_mmap_threshold(caps, tunables) == threshold
+
+
 def test_cpu_flags_are_read_from_cpuinfo():
     text = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni sha_ni\n"
     assert cpu_flags(text) == {"avx2", "avx512f", "avx512_bf16", "avx512_vnni"}
@@ -94,6 +109,7 @@ def test_detect_agrees_with_torch_on_this_machine():
     assert caps.cpu_capability == torch.backends.cpu.get_cpu_capability()
     assert caps.cuda == torch.cuda.is_available()
     assert caps.cores == torch.get_num_threads()
+    assert caps.libc == platform.libc_ver()[0] and caps.describe()["libc"] == caps.libc
     assert caps.describe()["int8_kernels"] == int8_kernel_family(caps)
 
 

@@ -1,4 +1,9 @@
+import platform
+import subprocess
+import sys
+import textwrap
 import time
+
 import numpy as np
 import pytest
 import torch
@@ -62,6 +67,36 @@ def test_release_free_heap_hands_freed_blocks_back_so_rss_shows_live_memory():
     assert current_rss_bytes() > grown - 50 * 1024 * 1024
     release_free_heap()
     assert current_rss_bytes() < grown - 150 * 1024 * 1024
+
+
+# 40 touched 3 MiB blocks, then every other one freed: the MiB that go back to the kernel. In a
+# child: the threshold stays set for the rest of a process, and this one runs other tests.
+HALF_FREED_RETURNED_MIB = textwrap.dedent("""
+    import ctypes, sys
+    from lowbit.measure import current_rss_bytes, set_mmap_threshold
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes, libc.memset.argtypes = [ctypes.c_void_p], [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+    libc.free(libc.malloc(16 << 20))  # freeing a 16 MiB mapping raises glibc's own threshold to 16 MiB
+    if sys.argv[1] == "fixed":
+        assert set_mmap_threshold(2 << 20)
+    blocks = [libc.malloc(3 << 20) for _ in range(40)]
+    for block in blocks:
+        libc.memset(block, 1, 3 << 20)
+    peak = current_rss_bytes()
+    for block in blocks[::2]:
+        libc.free(block)
+    print((peak - current_rss_bytes()) >> 20)
+""")
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+@pytest.mark.parametrize("threshold, returned_mib", [("glibc's own", (0, 5)), ("fixed", (55, 65))])
+def test_a_fixed_mmap_threshold_hands_freed_blocks_back_that_the_heap_would_keep(threshold, returned_mib):
+    done = subprocess.run([sys.executable, "-c", HALF_FREED_RETURNED_MIB, threshold], capture_output=True, text=True, check=True)
+    low, high = returned_mib  # 20 of 40 blocks of 3 MiB freed: 60 MiB when each had a mapping of its own
+    assert low <= int(done.stdout) <= high
 
 
 def test_without_proc_memory_readings_fall_back_instead_of_failing(monkeypatch, tmp_path):

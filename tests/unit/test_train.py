@@ -4,6 +4,7 @@ import torch
 
 from lowbit.builtin_data import generate_reviews
 from lowbit.config import ModelParams, TrainParams
+from lowbit.hardware import TRAINING_MMAP_THRESHOLD, Capabilities
 from lowbit.measure import weight_bytes
 from lowbit.models import load_classifier, load_tokenizer
 from lowbit.task_types.sequence_classification import make_loader, predict_logits
@@ -76,3 +77,18 @@ def test_the_last_epoch_is_not_copied_and_an_earlier_best_is_restored(tiny, monk
         assert len(copies) == copied
     for name, tensor in training.trained_tensors(model).items():  # the first epoch's weights, restored
         assert torch.equal(tensor, copies[0][name]), name
+
+
+def test_training_sets_the_mmap_threshold_of_its_machine_and_records_it(tiny, monkeypatch):
+    model, tokenizer = tiny
+    train_frame, val_frame = frames()
+    applied = []
+    monkeypatch.setattr("lowbit.train.set_mmap_threshold", lambda size: applied.append(size) or True)
+    monkeypatch.setattr("lowbit.train.detect", lambda: Capabilities(libc="glibc"))
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    result = train(model, tokenizer, train_frame, val_frame, cfg(epochs=1), max_length=32)
+    assert applied == [TRAINING_MMAP_THRESHOLD]
+    assert result.figures()["malloc_mmap_threshold_bytes"] == TRAINING_MMAP_THRESHOLD
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")  # the user's own: left alone
+    result = train(model, tokenizer, train_frame, val_frame, cfg(epochs=1), max_length=32)
+    assert applied == [TRAINING_MMAP_THRESHOLD] and result.malloc_mmap_threshold_bytes is None
