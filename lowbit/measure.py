@@ -114,10 +114,17 @@ def release_free_heap() -> None:
     allocator kept from earlier work (loading a model, quantizing it). glibc only; a
     no-op elsewhere."""
     gc.collect()
+    if (libc := _glibc()) is not None:
+        libc.malloc_trim(0)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, for its malloc controls (malloc_trim, mallopt); None where malloc is another library's."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
 
 
 # mallopt's parameter numbers (glibc's malloc.h) and glibc's start-up trim threshold
@@ -134,11 +141,9 @@ def set_mmap_threshold(size: int) -> bool:
     start-up value, so the process is as `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=<size>`
     would have started it, the setting the figures were measured with. Call release_free_heap
     next: blocks come from the heap while it has room. False where malloc is not glibc's."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    if (libc := _glibc()) is None:
         return False
-    return bool(mallopt(M_MMAP_THRESHOLD, size)) and bool(mallopt(M_TRIM_THRESHOLD, GLIBC_DEFAULT_TRIM_THRESHOLD))
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, size)) and bool(libc.mallopt(M_TRIM_THRESHOLD, GLIBC_DEFAULT_TRIM_THRESHOLD))
 
 
 def current_rss_bytes() -> int:
