@@ -27,9 +27,12 @@ from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmu
 
 from lowbit.config import DeterminismParams, TrainParams
 from lowbit.errors import LowbitError
-from lowbit.hardware import Capabilities, detect, determinism_environment, training_mmap_threshold
+from lowbit.hardware import (
+    Capabilities, detect, determinism_environment, training_mmap_threshold, training_trims_heap_each_step,
+)
 from lowbit.measure import (
-    current_rss_bytes, peak_rss_bytes, release_free_heap, reset_peak_rss, set_mmap_threshold, weight_bytes,
+    current_rss_bytes, peak_rss_bytes, release_free_heap, reset_peak_rss, return_free_pages, set_mmap_threshold,
+    weight_bytes,
 )
 from lowbit.models import model_device
 from lowbit.task_types import task_type
@@ -159,6 +162,7 @@ class TrainResult:
     train_memory_bytes: int      # derived: weight_bytes of the trained model + peak_rss_growth_bytes
     train_state_bytes: int       # weights + gradients + optimizer state, summed over the tensors at the last step
     malloc_mmap_threshold_bytes: int | None  # set for training (hardware.training_mmap_threshold); None: malloc's own
+    malloc_trim_each_step: bool  # free heap pages handed back after every step (hardware.training_trims_heap_each_step)
     history: list[dict] = field(default_factory=list)
 
     def figures(self) -> dict:
@@ -169,6 +173,7 @@ class TrainResult:
             "peak_rss_bytes": self.peak_rss_bytes, "peak_rss_growth_bytes": self.peak_rss_growth_bytes,
             "train_memory_bytes": self.train_memory_bytes, "train_state_bytes": self.train_state_bytes,
             "malloc_mmap_threshold_bytes": self.malloc_mmap_threshold_bytes,
+            "malloc_trim_each_step": self.malloc_trim_each_step,
         }
 
 
@@ -180,9 +185,11 @@ def train(
     """`task` (params.yaml model.task) decides how examples are batched and what the validation score is:
     accuracy for a classifier, target-token accuracy for a causal LM (lowbit.task_types)."""
     kind = task_type(task)
-    threshold = training_mmap_threshold(detect(), os.environ.get("GLIBC_TUNABLES", ""))
+    caps = detect()
+    threshold = training_mmap_threshold(caps, os.environ.get("GLIBC_TUNABLES", ""))
     if threshold is not None and not set_mmap_threshold(threshold):
         threshold = None
+    trim_each_step = training_trims_heap_each_step(caps)
     release_free_heap()  # what loading the model took and then freed is not counted as training memory
     reset_peak_rss()
     start_rss = current_rss_bytes()
@@ -210,6 +217,8 @@ def train(
                 schedule.step()
                 state_bytes = training_state_bytes(model, optimizer)
                 optimizer.zero_grad(set_to_none=True)
+                if trim_each_step:  # this step's activations and gradients are free now
+                    return_free_pages()
                 losses.append(loss.item())
                 samples += len(batch["input_ids"])
                 step += 1
@@ -227,4 +236,4 @@ def train(
     peak = peak_rss_bytes()
     growth = peak - start_rss
     return TrainResult(best[1], best[0], samples / seconds, seconds, peak, growth,
-                       weight_bytes(model) + growth, state_bytes, threshold, history)
+                       weight_bytes(model) + growth, state_bytes, threshold, trim_each_step, history)

@@ -9,7 +9,7 @@ import torch
 from lowbit import hardware
 from lowbit.hardware import (
     Capabilities, bnb_cpu_repack, cpu_flags, determinism_environment, device_map, evaluation_threads, int8_kernel_family,
-    qlora_compute_dtype, training_mmap_threshold, training_optimizer,
+    qlora_compute_dtype, training_mmap_threshold, training_optimizer, training_trims_heap_each_step,
 )
 
 AVX2_CPU = Capabilities(cpu_capability="AVX2", cpu_flags=frozenset({"avx2"}), cores=2)
@@ -207,3 +207,9 @@ def test_bitsandbytes_optional_kernel_message_is_silenced_at_its_logger():
     assert "kernels-community" not in done.stderr
     assert logging.getLogger("bitsandbytes.backends.cpu.ops").level == logging.ERROR
     assert logging.getLogger("bitsandbytes").level == logging.NOTSET  # the rest of bitsandbytes still warns
+
+
+@pytest.mark.parametrize("libc, trims", [("glibc", True), ("", False), ("musl", False)])
+def test_training_trims_the_heap_each_step_only_on_glibc(libc, trims):
+    for machine in EVERY_MACHINE:  # the C library decides, not the CPU or the GPU
+        assert training_trims_heap_each_step(Capabilities(**{**machine.__dict__, "libc": libc})) is trims

@@ -92,3 +92,16 @@ def test_training_sets_the_mmap_threshold_of_its_machine_and_records_it(tiny, mo
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=65536")  # the user's own: left alone
     result = train(model, tokenizer, train_frame, val_frame, cfg(epochs=1), max_length=32)
     assert applied == [TRAINING_MMAP_THRESHOLD] and result.malloc_mmap_threshold_bytes is None
+
+
+@pytest.mark.parametrize("libc, trims", [("glibc", True), ("musl", False)])
+def test_training_returns_free_heap_pages_after_every_step_where_its_machine_can(tiny, monkeypatch, libc, trims):
+    model, tokenizer = tiny
+    train_frame, val_frame = frames()
+    trimmed, steps = [], []
+    monkeypatch.setattr("lowbit.train.return_free_pages", lambda: trimmed.append(len(steps)) or True)
+    monkeypatch.setattr("lowbit.train.detect", lambda: Capabilities(libc=libc))
+    result = train(model, tokenizer, train_frame, val_frame, cfg(epochs=2), max_length=32, on_step=steps.append)
+    assert len(steps) == 2 * 19  # 300 rows in batches of 16
+    assert trimmed == (list(range(len(steps))) if trims else [])  # after each step, before its hook
+    assert result.figures()["malloc_trim_each_step"] is trims
