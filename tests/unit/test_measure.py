@@ -69,24 +69,33 @@ def test_release_free_heap_hands_freed_blocks_back_so_rss_shows_live_memory():
     assert current_rss_bytes() < grown - 150 * 1024 * 1024
 
 
-# 40 touched 3 MiB blocks, then every other one freed: the MiB that go back to the kernel. In a
-# child: the threshold stays set for the rest of a process, and this one runs other tests.
-HALF_FREED_RETURNED_MIB = textwrap.dedent("""
+# The malloc tests run in a child: a threshold stays set for the rest of a process, and this one
+# runs other tests. Each child touches 40 blocks, frees every other one, and prints the MiB that
+# went back to the kernel.
+MALLOC_CHILD = textwrap.dedent("""
     import ctypes, sys
-    from lowbit.measure import current_rss_bytes, set_mmap_threshold
+    from lowbit.measure import current_rss_bytes, return_free_pages, set_mmap_threshold
 
     libc = ctypes.CDLL("libc.so.6")
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     libc.free.argtypes, libc.memset.argtypes = [ctypes.c_void_p], [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+
+    def touch_then_free_every_other(size):
+        blocks = [libc.malloc(size) for _ in range(40)]
+        for block in blocks:
+            libc.memset(block, 1, size)
+        peak = current_rss_bytes()
+        for block in blocks[::2]:
+            libc.free(block)
+        return peak
+""")
+
+# 3 MiB blocks: with a fixed threshold each is a mapping of its own, handed back at its free.
+HALF_FREED_RETURNED_MIB = MALLOC_CHILD + textwrap.dedent("""
     libc.free(libc.malloc(16 << 20))  # freeing a 16 MiB mapping raises glibc's own threshold to 16 MiB
     if sys.argv[1] == "fixed":
         assert set_mmap_threshold(2 << 20)
-    blocks = [libc.malloc(3 << 20) for _ in range(40)]
-    for block in blocks:
-        libc.memset(block, 1, 3 << 20)
-    peak = current_rss_bytes()
-    for block in blocks[::2]:
-        libc.free(block)
+    peak = touch_then_free_every_other(3 << 20)
     print((peak - current_rss_bytes()) >> 20)
 """)
 
@@ -99,23 +108,12 @@ def test_a_fixed_mmap_threshold_hands_freed_blocks_back_that_the_heap_would_keep
     assert low <= int(done.stdout) <= high
 
 
-# 40 touched 1 MiB blocks from the heap (under a 2 MiB threshold), every other one freed: the
-# MiB that go back to the kernel at the free, then at return_free_pages. The last block stays
-# live at the heap's top, so glibc's own trimming of the top has nothing to give back.
-HEAP_HOLES_RETURNED_MIB = textwrap.dedent("""
-    import ctypes
-    from lowbit.measure import current_rss_bytes, return_free_pages, set_mmap_threshold
-
-    libc = ctypes.CDLL("libc.so.6")
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    libc.free.argtypes, libc.memset.argtypes = [ctypes.c_void_p], [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+# 1 MiB blocks from the heap (under a 2 MiB threshold): the MiB returned at the free, then at
+# return_free_pages. The last block stays live at the heap's top, so glibc's own trimming of the
+# top has nothing to give back.
+HEAP_HOLES_RETURNED_MIB = MALLOC_CHILD + textwrap.dedent("""
     assert set_mmap_threshold(2 << 20)
-    blocks = [libc.malloc(1 << 20) for _ in range(40)]
-    for block in blocks:
-        libc.memset(block, 1, 1 << 20)
-    peak = current_rss_bytes()
-    for block in blocks[::2]:
-        libc.free(block)
+    peak = touch_then_free_every_other(1 << 20)
     at_free = current_rss_bytes()
     assert return_free_pages()
     print((peak - at_free) >> 20, (at_free - current_rss_bytes()) >> 20)
