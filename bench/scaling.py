@@ -198,7 +198,8 @@ def derived(points: list[dict], lengths: list[int]) -> tuple[dict, dict]:
                          "the largest sample's (the same longest batch; only the row count differs): training's longest "
                          "for baseline, the validation split's for evaluate (its calibrator predicts that split; the "
                          "test sample is the same at every point)",
-            **{f"max_length_{n}": {stage: {"rss_spread": v, "met": v is not None and v <= RSS_SPREAD_MAX}
+            # met None: fewer than two points share the largest sample's longest example, nothing to judge
+            **{f"max_length_{n}": {stage: {"rss_spread": v, "met": None if v is None else v <= RSS_SPREAD_MAX}
                                    for stage, v in by_stage.items()}
                for n, by_stage in same_longest.items()},
         },
