@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import weakref
 from types import SimpleNamespace
 
 import pandas as pd
@@ -74,3 +75,34 @@ def test_length_ordered_batches_give_every_row_its_own_logits(tmp_path):
     reference, _ = predict_logits(model, make_loader(tokenizer, frame, 4, 32))  # split order, padded more
     assert labels.tolist() == list(range(10))
     torch.testing.assert_close(torch.from_numpy(logits), torch.from_numpy(reference), atol=1e-5, rtol=1e-5)
+
+
+def test_the_timed_pass_tokenizes_batch_by_batch_and_returns_every_row_in_row_order(tmp_path, monkeypatch):
+    """evaluate_model streams the test split (one encoded batch at a time) and still gives each row its logits."""
+    from lowbit import evaluation
+    from lowbit.config import ModelParams
+    from lowbit.models import load_classifier
+    from lowbit.task_types.sequence_classification import make_loader, predict_logits
+    from tests.tiny_model import tiny_classifier_dir
+
+    model_params = ModelParams(task="sequence_classification", name="tiny", trust_remote_code=False, max_length=32)
+    tiny = tiny_classifier_dir(tmp_path / "model", init_std=0.2)
+    model, tokenizer = load_classifier(str(tiny), model_params), load_tokenizer(str(tiny), model_params)
+    frame = pd.DataFrame({"text": [" ".join(["word"] * n) for n in (9, 2, 14, 1, 6, 6, 11, 3, 20, 5)],
+                          "label": [0, 1, 2] * 3 + [0]})
+    params = load_params(REPO / "params.yaml", ["evaluate.batch_size=4", "evaluate.warmup_batches=1",
+                                                "evaluate.latency_samples=5"]).evaluate
+    live, most_live = [], [0]
+
+    def tracked_loader(*args, **kwargs):  # counts encoded batches alive at once, by their input_ids
+        for batch in make_loader(*args, **kwargs):
+            live.append(weakref.ref(batch["input_ids"]))
+            most_live[0] = max(most_live[0], sum(ref() is not None for ref in live))
+            yield batch
+
+    monkeypatch.setattr(evaluation, "make_loader", tracked_loader)
+    metrics, logits, labels = evaluation.evaluate_model(model, tokenizer, frame, params, max_length=32)
+    reference, _ = predict_logits(model, make_loader(tokenizer, frame, 4, 32))  # split order, no length sort
+    assert labels.tolist() == frame["label"].tolist() and metrics["n_test"] == 10
+    torch.testing.assert_close(torch.from_numpy(logits), torch.from_numpy(reference), atol=1e-5, rtol=1e-5)
+    assert most_live[0] <= 2  # the batch in hand and at most the one before it: never the 3 batches of the split
