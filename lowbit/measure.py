@@ -10,6 +10,7 @@ Every figure is measured. Derived figures say how:
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import resource
 import time
@@ -128,6 +129,7 @@ def return_free_pages() -> bool:
     return True
 
 
+@functools.cache  # looked up once: training calls return_free_pages after every step
 def _glibc() -> ctypes.CDLL | None:
     """glibc, for its malloc controls (malloc_trim, mallopt); None where malloc is another library's."""
     try:
