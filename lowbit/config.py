@@ -152,6 +152,7 @@ class ExportParams(Section):
 class EvaluateParams(Section):
     batch_size: int = Field(ge=1, le=4096)
     latency_samples: int = Field(ge=5)
+    latency_rounds: int = Field(ge=1)
     warmup_batches: int = Field(ge=0)
     num_threads: int = Field(ge=0)
     calibration: Literal["none", "temperature", "platt", "isotonic"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lowbit.measure import (
-    bits_per_param, current_rss_bytes, disk_bytes, latency_summary, peak_rss_bytes, release_free_heap, reset_peak_rss, time_calls, weight_bytes,
+    bits_per_param, current_rss_bytes, disk_bytes, latency_summary, peak_rss_bytes, release_free_heap, reset_peak_rss, time_rounds, weight_bytes,
 )
 
 
@@ -134,19 +134,34 @@ def test_without_proc_memory_readings_fall_back_instead_of_failing(monkeypatch, 
     assert peak_rss_bytes() > 50 * 1024 * 1024  # getrusage's lifetime peak: this process has loaded torch
 
 
-def test_time_calls_runs_warmup_untimed_then_times_each_call_in_milliseconds():
+def test_time_rounds_runs_warmup_untimed_then_times_every_item_each_round_in_milliseconds():
     calls = []
 
-    def call():  # the three warm-up calls are slow (30 ms), the timed ones 2 ms
-        calls.append(1)
+    def call(i):  # the three warm-up calls are slow (30 ms), the timed ones 2 ms
+        calls.append(i)
         time.sleep(0.030 if len(calls) <= 3 else 0.002)
 
-    times = time_calls(call, repeats=7, warmup=3)
-    assert len(calls) == 10 and times.shape == (7,)
+    times = time_rounds(call, items=4, rounds=2, warmup=3)
+    assert calls == [0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3] and times.shape == (2, 4)
     assert (times >= 2.0).all() and (times < 25.0).all()  # milliseconds, warm-up excluded
 
 
+def test_latency_counts_each_items_fastest_round_so_a_paused_pass_does_not_move_it():
+    calls = []
+
+    def call(i):  # item i costs (i + 1) ms; the first round's pass of item 2 is paused 40 ms
+        calls.append(i)
+        time.sleep((i + 1) / 1000 + (0.040 if len(calls) == 3 else 0.0))
+
+    times = time_rounds(call, items=5, rounds=2, warmup=0)
+    assert times[0, 2] > 40.0
+    out = latency_summary(times)
+    assert out["latency_ms_p50"] == pytest.approx(3.0, abs=1.5)  # item 2's own 3 ms, not the paused 43
+    assert out["latency_ms_p95"] < 10.0
+    assert latency_summary(times[:1])["latency_ms_p95"] > 30.0  # one round: the pause is in the figures
+
+
 def test_latency_summary_percentiles():
-    out = latency_summary(np.arange(1, 101, dtype=float))
+    out = latency_summary(np.stack([np.arange(1, 101, dtype=float), np.arange(101, 201, dtype=float)]))
     assert out["latency_ms_p50"] == pytest.approx(50.5)
     assert out["latency_ms_p95"] == pytest.approx(95.05)
