@@ -224,8 +224,9 @@ CLASSIFIER_LEGEND = (
     "q bits = storage bits per quantized weight, scales included. "
     "serve MiB = peak RSS of a process that loaded and evaluated only this variant − the same for one that "
     "loaded no model (derived; order-independent). "
-    "Latency: batch of 1; samples/s: evaluation batch. pareto: no variant is both more accurate and smaller "
-    "to serve."
+    "p50/p95 ms: batch of 1, each test text's fastest of evaluate.latency_rounds passes (derived: pauses other "
+    "processes cause are left out); samples/s: evaluation batch. pareto: no variant is both more accurate and "
+    "smaller to serve."
 )
 GENERATIVE_LEGEND = (
     "token acc [95% CI]: share of the test targets' tokens (and end-of-turn token) the model ranks first, teacher-forced; "
