@@ -545,7 +545,8 @@ def check_variant(project: Path, path: Path, floor: int, forked: dict, args: arg
         "latency_ms_p50": check_latency(metrics, [run[0] for run in latencies],
                                         [run[0]["lowbit_latency_ms_p50_now"] for run in runs], loadavg),
     }
-    seconds = {"files": files_run["seconds"], "rss": sum(run[1]["seconds"] for run in runs), "latency": sum(run[1]["seconds"] for run in latencies)}
+    seconds = {"files": files_run["seconds"], "rss": sum(run[1]["seconds"] for run in runs),
+               "latency": sum(run[1]["seconds"] for run in latencies)}
     return {"format": record["format"], "model_dir": str(model_dir), "threads": threads, "checks": checks,
             "child_seconds": seconds}
 
