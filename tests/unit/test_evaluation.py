@@ -51,19 +51,29 @@ def test_a_ragged_last_batch_compiles_in_the_warm_up_not_in_the_timed_pass():
     assert metrics["latency_ms_p50"] < COMPILE_S * 1000 / 5
 
 
-def test_length_ordered_batches_give_every_row_its_own_logits(tmp_path):
-    """Rows are batched by length (less padding), longest first for predictions (memory), and every output
-    comes back in row order."""
+# Ten texts of different lengths: sorting them by length reorders every batch of 4.
+WORD_COUNTS = (9, 2, 14, 1, 6, 6, 11, 3, 20, 5)
+
+
+def tiny_classifier(tmp_path):
+    """(model, tokenizer) of a tiny random BERT classifier with max_length 32."""
     from lowbit.config import ModelParams
-    from lowbit.evaluation import in_length_order, predict_in_length_order
     from lowbit.models import load_classifier
-    from lowbit.task_types.sequence_classification import make_loader, predict_logits
     from tests.tiny_model import tiny_classifier_dir
 
     model_params = ModelParams(task="sequence_classification", name="tiny", trust_remote_code=False, max_length=32)
     tiny = tiny_classifier_dir(tmp_path / "model", init_std=0.2)
-    model, tokenizer = load_classifier(str(tiny), model_params), load_tokenizer(str(tiny), model_params)
-    texts = [" ".join(["word"] * n) for n in (9, 2, 14, 1, 6, 6, 11, 3, 20, 5)]
+    return load_classifier(str(tiny), model_params), load_tokenizer(str(tiny), model_params)
+
+
+def test_length_ordered_batches_give_every_row_its_own_logits(tmp_path):
+    """Rows are batched by length (less padding), longest first for predictions (memory), and every output
+    comes back in row order."""
+    from lowbit.evaluation import in_length_order, predict_in_length_order
+    from lowbit.task_types.sequence_classification import make_loader, predict_logits
+
+    model, tokenizer = tiny_classifier(tmp_path)
+    texts = [" ".join(["word"] * n) for n in WORD_COUNTS]
     frame = pd.DataFrame({"text": texts, "label": list(range(10))})
     ordered, back = in_length_order(tokenizer, frame, 32)
     assert [len(t.split()) for t in ordered["text"]] == sorted(len(t.split()) for t in texts)
@@ -80,15 +90,10 @@ def test_length_ordered_batches_give_every_row_its_own_logits(tmp_path):
 def test_the_timed_pass_tokenizes_batch_by_batch_and_returns_every_row_in_row_order(tmp_path, monkeypatch):
     """evaluate_model streams the test split (one encoded batch at a time) and still gives each row its logits."""
     from lowbit import evaluation
-    from lowbit.config import ModelParams
-    from lowbit.models import load_classifier
     from lowbit.task_types.sequence_classification import make_loader, predict_logits
-    from tests.tiny_model import tiny_classifier_dir
 
-    model_params = ModelParams(task="sequence_classification", name="tiny", trust_remote_code=False, max_length=32)
-    tiny = tiny_classifier_dir(tmp_path / "model", init_std=0.2)
-    model, tokenizer = load_classifier(str(tiny), model_params), load_tokenizer(str(tiny), model_params)
-    frame = pd.DataFrame({"text": [" ".join(["word"] * n) for n in (9, 2, 14, 1, 6, 6, 11, 3, 20, 5)],
+    model, tokenizer = tiny_classifier(tmp_path)
+    frame = pd.DataFrame({"text": [" ".join(["word"] * n) for n in WORD_COUNTS],
                           "label": [0, 1, 2] * 3 + [0]})
     params = load_params(REPO / "params.yaml", ["evaluate.batch_size=4", "evaluate.warmup_batches=1",
                                                 "evaluate.latency_samples=5"]).evaluate
