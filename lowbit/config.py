@@ -79,6 +79,7 @@ class TrainParams(Section):
     warmup_ratio: float = Field(ge=0.0, lt=1.0)
     weight_decay: float = Field(ge=0.0, le=1.0)
     max_grad_norm: float = Field(gt=0.0)
+    group_by_length: bool
     seed: int
 
 

@@ -194,7 +194,8 @@ def train(
     reset_peak_rss()
     start_rss = current_rss_bytes()
     seed_everything(cfg.seed)
-    loader = kind.make_loader(tokenizer, train_frame, cfg.batch_size, max_length, shuffle=True, seed=cfg.seed)
+    loader = kind.make_loader(tokenizer, train_frame, cfg.batch_size, max_length, shuffle=True, seed=cfg.seed,
+                              group_by_length=cfg.group_by_length)
     val_loader = kind.make_loader(tokenizer, val_frame, cfg.batch_size * 2, max_length)
     params = [p for p in model.parameters() if p.requires_grad]
     make_optimizer = optimizer_factory or (lambda ps: torch.optim.AdamW(ps, lr=cfg.learning_rate, weight_decay=cfg.weight_decay))

@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from lowbit.config import DataParams, ModelParams, PrepareParams
 from lowbit.errors import LowbitError
 from lowbit.models import load_auto, model_device
+from lowbit.task_types.sampling import training_order
 
 AUTO_MODEL = AutoModelForCausalLM
 HEAD = ["lm_head"]  # tied to the embeddings in small chat models: kept in float, not trained by adapters
@@ -93,17 +94,19 @@ def collate(examples: list[tuple[list[int], list[int]]], pad: int) -> dict[str, 
 
 
 def make_loader(tokenizer: PreTrainedTokenizerBase, frame: pd.DataFrame, batch_size: int, max_length: int,
-                shuffle: bool = False, seed: int = 0) -> DataLoader:
-    """Batches of encoded examples; the prepare stage dropped every example over max_length, so none is cut here."""
+                shuffle: bool = False, seed: int = 0, group_by_length: bool = False) -> DataLoader:
+    """Batches of encoded examples; the prepare stage dropped every example over max_length, so none is cut here.
+    `group_by_length` (with `shuffle`): examples of similar length share batches (lowbit.task_types.sampling)."""
     examples = [encode(tokenizer, p, t) for p, t in zip(frame["prompt"], frame["target"])]
     too_long = [i for i, (ids, _) in enumerate(examples) if len(ids) > max_length]
     if too_long:
         raise LowbitError(f"{len(too_long)} example(s) are longer than model.max_length={max_length} tokens "
                           f"(the first: row {too_long[0]}); prepare drops them: rerun it with this max_length")
-    generator = torch.Generator().manual_seed(seed)
+    order = None  # in row order
+    if shuffle:
+        order = training_order(len(examples), batch_size, seed, [len(ids) for ids, _ in examples] if group_by_length else None)
     pad = pad_id(tokenizer)
-    return DataLoader(examples, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=lambda batch: collate(batch, pad))
+    return DataLoader(examples, batch_size=batch_size, sampler=order, collate_fn=lambda batch: collate(batch, pad))
 
 
 def token_statistics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, np.ndarray]:

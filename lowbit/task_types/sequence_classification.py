@@ -19,6 +19,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedTokenizer
 from lowbit.config import DataParams, ModelParams, PrepareParams
 from lowbit.metrics import quality_metrics
 from lowbit.models import load_classifier, model_device
+from lowbit.task_types.sampling import training_order
 
 AUTO_MODEL = AutoModelForSequenceClassification
 HEAD = ["classifier"]  # BERT-style sequence classifiers; kept out of quantization and trained in full
@@ -34,10 +35,12 @@ def load_pretrained(source: str, model: ModelParams, meta: dict | None = None, *
 
 def make_loader(
     tokenizer: PreTrainedTokenizerBase, frame: pd.DataFrame, batch_size: int, max_length: int,
-    shuffle: bool = False, seed: int = 0,
+    shuffle: bool = False, seed: int = 0, group_by_length: bool = False,
 ) -> DataLoader:
-    """Batches of tokenized texts, padded per batch (dynamic padding), with `labels`."""
-    rows = list(zip(frame["text"].tolist(), frame["label"].tolist()))
+    """Batches of tokenized texts, padded per batch (dynamic padding), with `labels`.
+    `group_by_length` (with `shuffle`): texts of similar length share batches (lowbit.task_types.sampling)."""
+    texts = frame["text"].tolist()
+    rows = list(zip(texts, frame["label"].tolist()))
 
     def collate(batch):
         texts, labels = zip(*batch)
@@ -45,8 +48,19 @@ def make_loader(
         enc["labels"] = torch.tensor(labels, dtype=torch.long)
         return enc
 
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
+    order = None  # in row order
+    if shuffle:
+        order = training_order(len(rows), batch_size, seed, token_lengths(tokenizer, texts, max_length) if group_by_length else None)
+    return DataLoader(rows, batch_size=batch_size, collate_fn=collate, sampler=order)
+
+
+def token_lengths(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int, chunk: int = 1024) -> list[int]:
+    """Each text's token count after truncation, tokenized a chunk at a time: only the counts are kept."""
+    lengths = []
+    for start in range(0, len(texts), chunk):
+        encoded = tokenizer(texts[start:start + chunk], truncation=True, max_length=max_length)["input_ids"]
+        lengths.extend(len(ids) for ids in encoded)
+    return lengths
 
 
 @torch.no_grad()

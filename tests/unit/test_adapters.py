@@ -19,7 +19,7 @@ from tests.tiny_model import tiny_classifier_dir
 MODEL = ModelParams(task="sequence_classification", name="tiny", trust_remote_code=False, max_length=32)
 LABELS = ["negative", "neutral", "positive"]
 COMMON = dict(r=4, alpha=8, dropout=0.0, target_modules=["query", "value"], bias="none", epochs=3,
-              learning_rate=3e-2, batch_size=16, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, seed=0)
+              learning_rate=3e-2, batch_size=16, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, group_by_length=False, seed=0)
 LORA = LoraParams(**COMMON)
 QLORA = QLoraParams(**COMMON, compute_dtype="float32", gradient_checkpointing=False, requantize_merged="none")
 

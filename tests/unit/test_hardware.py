@@ -133,7 +133,7 @@ LABELS = ["negative", "neutral", "positive"]
 
 def qlora_params(dtype: str) -> QLoraParams:
     return QLoraParams(r=4, alpha=8, dropout=0.0, target_modules=["query", "value"], bias="none", epochs=2,
-                       learning_rate=3e-2, batch_size=16, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, seed=0,
+                       learning_rate=3e-2, batch_size=16, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, group_by_length=False, seed=0,
                        compute_dtype=dtype, gradient_checkpointing=False, requantize_merged="none")
 
 

@@ -110,7 +110,7 @@ def test_qat_can_start_from_calibrated_ranges_and_keep_them(tiny_dir, frame):
         assert scale == pytest.approx(calibrated[0], rel=1e-6) and zero_point == calibrated[1]
     freeze_observers(model)
     cfg = QATParams(epochs=1, learning_rate=5e-3, batch_size=16, warmup_ratio=0.0, weight_decay=0.0,
-                    max_grad_norm=1.0, seed=0, init_observer="percentile", observer_freeze_fraction=0.0)
+                    max_grad_norm=1.0, group_by_length=False, seed=0, init_observer="percentile", observer_freeze_fraction=0.0)
     train(model, tokenizer, frame.iloc[:64], frame.iloc[64:], cfg, 32)
     assert fake.output_observer.qparams() == pytest.approx(ranges[name][1], rel=1e-6)  # frozen: training left it alone
     convert_qat(model)
@@ -125,7 +125,7 @@ def test_qat_trains_through_fake_quant_and_converts_to_matching_int8(tiny_dir, f
     query = model.bert.encoder.layer[0].attention.self.query
     assert isinstance(query, FakeQuantLinear)
     cfg = QATParams(epochs=2, learning_rate=5e-3, batch_size=16, warmup_ratio=0.0, weight_decay=0.0,
-                    max_grad_norm=1.0, seed=0, init_observer="ema", observer_freeze_fraction=0.5)
+                    max_grad_norm=1.0, group_by_length=False, seed=0, init_observer="ema", observer_freeze_fraction=0.5)
     before = query.weight.detach().clone()
     result = train(model, tokenizer, frame.iloc[:64], frame.iloc[64:], cfg, 32, on_step=lambda s: s == 4 and freeze_observers(model))
     assert not torch.equal(before, query.weight.detach())  # gradients flowed through fake quantization (STE)

@@ -44,7 +44,7 @@ from tests.tiny_model import tiny_classifier_dir
 MODEL = ModelParams(task="sequence_classification", name="tiny", trust_remote_code=False, max_length=32)
 LABELS = ["negative", "neutral", "positive"]
 ADAPTER = dict(r=4, alpha=8, dropout=0.0, target_modules=["query", "value"], bias="none", epochs=1,
-               learning_rate=1e-2, batch_size=16, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, seed=0)
+               learning_rate=1e-2, batch_size=16, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=1.0, group_by_length=False, seed=0)
 # A temperature below 1 sharpens: calibrated probabilities differ from the softmax in every row,
 # so a served model that dropped its calibrator fails the comparison.
 CALIBRATOR = Calibrator("temperature", {"temperature": 0.5})

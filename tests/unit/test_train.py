@@ -21,7 +21,7 @@ def frames():
 
 
 def cfg(**overrides) -> TrainParams:
-    base = dict(epochs=4, learning_rate=5e-3, batch_size=16, warmup_ratio=0.1, weight_decay=0.0, max_grad_norm=1.0, seed=0)
+    base = dict(epochs=4, learning_rate=5e-3, batch_size=16, warmup_ratio=0.1, weight_decay=0.0, max_grad_norm=1.0, group_by_length=False, seed=0)
     return TrainParams(**(base | overrides))
 
 
@@ -49,13 +49,14 @@ def test_training_lowers_the_loss_and_restores_the_best_validation_epoch(tiny):
     assert held_beyond_weights <= result.peak_rss_growth_bytes < result.peak_rss_bytes
 
 
-def test_training_is_reproducible_for_a_seed(tmp_path):
+@pytest.mark.parametrize("group_by_length", [False, True])
+def test_training_is_reproducible_for_a_seed(tmp_path, group_by_length):
     outs = []
     for run in range(2):
         path = tiny_classifier_dir(tmp_path / f"tiny{run}")
         model, tokenizer = load_classifier(str(path), MODEL), load_tokenizer(str(path), MODEL)
         train_frame, val_frame = frames()
-        train(model, tokenizer, train_frame, val_frame, cfg(epochs=1), max_length=32)
+        train(model, tokenizer, train_frame, val_frame, cfg(epochs=1, group_by_length=group_by_length), max_length=32)
         outs.append(predict_logits(model, make_loader(tokenizer, val_frame, 64, 32))[0])
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
 
