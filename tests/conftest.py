@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from ruamel.yaml import YAML
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from lowbit.config import load_params
 
@@ -38,6 +39,9 @@ TINY = {
 }
 
 os.environ.setdefault("CI", "1")  # quiet progress bars in test logs
+# `lowbit` points Inductor's cache into the project it runs in; tests calling flows.cli.main share torch's
+# default cache instead, so a compile test after them does not start from an empty one
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
 for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
                    "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1"}.items():
     os.environ.setdefault(key, value)

@@ -1,6 +1,7 @@
+import os
 import shutil
 
-from flows.cli import main
+from flows.cli import COMPILE_CACHE_ENV, main
 from tests.conftest import REPO
 
 
@@ -22,3 +23,13 @@ def test_show_without_a_report_and_bad_parallel(tmp_path, capsys):
     assert "summary.md not found" in capsys.readouterr().err
     assert main(["--root", str(tmp_path), "run", "--parallel", "0"]) == 2
     assert "--parallel 0: must be 1 or more" in capsys.readouterr().err
+
+
+def test_compiled_kernels_are_cached_in_the_project_unless_a_cache_is_set(tmp_path, monkeypatch):
+    shutil.copy2(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.delenv(COMPILE_CACHE_ENV, raising=False)
+    assert main(["--root", str(tmp_path), "check"]) == 0
+    assert os.environ[COMPILE_CACHE_ENV] == str(tmp_path.resolve() / ".cache" / "torchinductor")
+    monkeypatch.setenv(COMPILE_CACHE_ENV, "/srv/inductor")
+    assert main(["--root", str(tmp_path), "check"]) == 0
+    assert os.environ[COMPILE_CACHE_ENV] == "/srv/inductor"
