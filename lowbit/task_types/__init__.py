@@ -11,7 +11,7 @@ One module per task type (sequence_classification, causal_lm), each providing th
   PEFT_TASK         PEFT's task type for adapters
   VALIDATION_METRIC the name of what `validation_score` returns (recorded as best_val_<name>)
   load_pretrained(source, model_params, meta) -> model   the stage's starting point (meta: prepared/meta.json)
-  make_loader(tokenizer, frame, batch_size, max_length, shuffle=False, seed=0) -> DataLoader
+  make_loader(tokenizer, frame, batch_size, max_length, shuffle=False, seed=0, group_by_length=False) -> DataLoader
   validation_score(model, loader) -> float
   prepare_splits(data_params, prepare_params, model_params) -> lowbit.data.Splits
 Stages, schemes, adapters and evaluation call through these; adding a task type is one module here,
