@@ -45,7 +45,7 @@ from lowbit.measure import (
 from lowbit.metrics import quality_metrics, softmax
 from lowbit.models import model_device, param_counts
 from lowbit.statistics import metric_intervals, point_metrics
-from lowbit.task_types.sequence_classification import make_loader, predict_logits
+from lowbit.task_types.sequence_classification import make_loader, predict_logits, token_lengths
 from lowbit.variants import CARD
 
 
@@ -101,7 +101,7 @@ def in_length_order(tokenizer: PreTrainedTokenizerBase, frame: pd.DataFrame, max
                     longest_first: bool = False) -> tuple[pd.DataFrame, np.ndarray]:
     """The rows sorted by token count (stable: equal lengths keep row order) and the index that puts
     outputs in that order back in row order."""
-    lengths = np.array([len(ids) for ids in tokenizer(frame["text"].tolist(), truncation=True, max_length=max_length)["input_ids"]])
+    lengths = np.array(token_lengths(tokenizer, frame["text"].tolist(), max_length))
     order = np.argsort(-lengths if longest_first else lengths, kind="stable")
     return frame.iloc[order], np.argsort(order)
 

@@ -62,4 +62,3 @@ def test_instruction_examples_are_batched_by_token_count():
         return causal_lm.make_loader(tokenizer, frame, 8, 256, shuffle=True, seed=0, group_by_length=group_by_length)
 
     check_grouping(make, len(frame), lengths, 8)
-
