@@ -467,10 +467,16 @@ def check_peak_rss(metrics: dict, rss: dict, measured: dict, forked: dict, peaks
 
 def run_spread(reported: float | None, runs: list[float]) -> dict:
     """One process's peak RSS is not one number: the same variant, evaluated in identical fresh processes (or
-    children forked from one server), peaked up to 9.3% apart here (2 threads: which thread's allocator arena
-    holds which buffer varies run to run; with 1 thread the spread was ~1%). Nor is a latency: this 2-core VM
-    ran the same loop at 2x its usual time for 5-15 s at a stretch, with both vCPUs busy in that loop alone and
-    no steal time counted (the host's load, invisible from inside). The reported figure is one such run, so
+    children forked from one server), peaked up to 9.3% apart here with 2 threads. FP32, 2-core EPYC, 11 fresh
+    processes: 865-925 MiB, in two groups: 3 runs at 865-872 MiB kept 90-100 MiB less heap resident after the
+    test pass than the others (902-925). No malloc or tokenizer setting tried removes it: with the tokenizer's
+    threads off (TOKENIZERS_PARALLELISM=false) 893-920 over 11, and 867-929 over 4 with glibc's mmap threshold
+    also fixed (at its 32 MiB ceiling); one arena (MALLOC_ARENA_MAX=1) 899-930 over 4; the threshold alone
+    912-933 over 4; 1 torch thread 888-909 over 3. Likeliest cause, not proven: which freed blocks a later batch
+    reuses depends on the order the threads free them in. So lowbit measures with malloc as a serving process
+    has it, and the reported figure is one draw from that range. Nor is a latency one number: this 2-core VM ran
+    the same loop at 2x its usual time for 5-15 s at a stretch, with both vCPUs busy in that loop alone and no
+    steal time counted (the host's load, invisible from inside). The reported figure is one such run, so
     besides the 2% check it is judged against the independent runs' own range: within_run_spread is true when
     it lies inside [min, max] of them, widened by the tolerance. Needs 3 runs (--rss-repeats, --latency-repeats)."""
     if reported is None or len(runs) < 3:
