@@ -585,11 +585,12 @@ def variant_files(project: Path, wanted: list[str] | None) -> dict[str, Path]:
 def header(project: Path) -> dict:
     import torch
 
+    from bench.common import code_version
     from bench.quant import cpu_model
     from lowbit.hardware import detect
 
-    return {"benchmark": "truth", "project": str(project), "lowbit_code": str(REPO), "torch": torch.__version__,
-            "python": platform.python_version(), "cpu": cpu_model(), "hardware": detect().describe(),
+    return {"benchmark": "truth", "project": str(project), "lowbit_code": str(REPO), "lowbit_commit": code_version(),
+            "torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_model(), "hardware": detect().describe(),
             "peak_rss_method": f"{TIME} -v" if TIME.exists() else "os.wait4 ru_maxrss", "tolerance": TOLERANCE,
             "loadavg_at_start": list(os.getloadavg())}
 
