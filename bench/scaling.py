@@ -3,9 +3,10 @@
 Run: python -m bench.scaling [--rows 1000 4000 16000 full] [--lengths 64 128]
                              [--out bench/results/scaling.json] [--plot bench/results/scaling.png]
                              [--add-to bench/results/scaling.json]  (measure only the points given, keep the rest)
-Time: about 1.5 hours for the default grid on an idle 2-core machine: baseline about 30 s per 1k
-training rows (bench/results/quant.json: 100-130 s for 4,000), over about 73k training rows a length
-(900 + 3,600 + 14,400 + about 54,000), plus about a minute a point. Max length 128 costs about what 64
+Time: about 40 minutes for the default grid on an idle 2-core AVX512 machine (18 for max length 64,
+22 for 128): baseline 13-14 s per 1k training rows with batches grouped by length, over about 73k
+training rows a length (900 + 3,600 + 14,400 + about 54,000), plus about a minute a point. Give --out
+with --add-to to keep the merged result (without --out it is only printed). Max length 128 costs about what 64
 does on SST-2: texts average 13 tokens (4 of 60,614 exceed 64) and batches are padded to their longest.
 On a loaded machine it is far longer: the smoke test `--rows 300 600 --lengths 64`, niced beside other
 work, took about 7 minutes, with baseline at 180-245 s per 1k training rows, evaluate about 75 s plus
