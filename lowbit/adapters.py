@@ -21,7 +21,7 @@ from torch import nn
 
 from lowbit.config import LoraParams, ModelParams, QLoraParams
 from lowbit.errors import LowbitError
-from lowbit.hardware import detect, device_map, qlora_compute_dtype, training_optimizer
+from lowbit.hardware import detect, device_map, nf4_compute_dtype, qlora_compute_dtype, training_optimizer
 from lowbit.io import read_json
 from lowbit.models import load_tokenizer, resolve_model, save_model
 from lowbit.quant.ptq import quantizable_layers, quantize_int8
@@ -139,7 +139,8 @@ def requantize(
         return
     save_model(merged, tokenizer, out)
     if how == "nf4":
-        nf4 = load_model(out, model, quantization_config=nf4_config(head, torch.bfloat16), device_map="cpu")
+        config = nf4_config(head, nf4_compute_dtype(detect())[0])
+        nf4 = load_model(out, model, quantization_config=config, device_map="cpu")
         save_model(nf4, tokenizer, out)
         write_card(out, variant, "bnb", stage, device="cpu", notes=["adapters merged, then NF4 (bitsandbytes)"], **info)
         return

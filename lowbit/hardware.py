@@ -11,6 +11,7 @@ injected `Capabilities`; tests call each with every answer (tests/unit/test_hard
 
 The decisions:
 - `qlora_compute_dtype`     the dtype QLoRA's 4-bit matmuls compute in (`qlora.compute_dtype: auto`)
+- `nf4_compute_dtype`       the dtype a loaded ptq_nf4 model computes in, chosen where it is loaded
 - `training_optimizer`      paged 8-bit AdamW on CUDA, plain AdamW on CPU
 - `device_map`              where a bitsandbytes model is loaded
 - `bnb_cpu_repack`          whether a 4-bit layer may use bitsandbytes' AVX512-BF16 inference layout
@@ -106,6 +107,15 @@ def qlora_compute_dtype(setting: str, caps: Capabilities) -> tuple[torch.dtype, 
     return torch.float32, "auto: this CPU has no native bf16 matmul (emulated bf16 is far slower)"
 
 
+def nf4_compute_dtype(caps: Capabilities) -> tuple[torch.dtype, str]:
+    """The dtype a post-training NF4 model (ptq_nf4) computes in, and why: QLoRA's `auto` choice.
+
+    Chosen where the model is loaded, not where it was quantized: its saved 4-bit tensors serve on
+    every machine, and no training fixed its numerics. It used to be bf16 everywhere, and on an
+    AVX2-only CPU (no native bf16) ptq_nf4 ran at 0.12x FP32's throughput (quant-avx2.json)."""
+    return qlora_compute_dtype("auto", caps)
+
+
 def training_optimizer(caps: Capabilities) -> tuple[str, str]:
     """(optimizer name, why): bitsandbytes' paged optimizers page state through CUDA unified memory."""
     if caps.cuda:
@@ -124,7 +134,8 @@ def device_map(caps: Capabilities) -> str:
 BNB_REPACK_ROW_BLOCK = 32
 
 
-def bnb_cpu_repack(bnb_has_kernel: bool, training: bool, out_features: int, in_features: int, blocksize: int) -> bool:
+def bnb_cpu_repack(bnb_has_kernel: bool, training: bool, compute_dtype: torch.dtype | None,
+                   out_features: int, in_features: int, blocksize: int) -> bool:
     """Whether a 4-bit layer may switch to bitsandbytes' fused AVX512-BF16 inference layout.
 
     bitsandbytes (0.49+, PR #1804) repacks a Linear4bit's weight at its first eval-mode call
@@ -132,11 +143,13 @@ def bnb_cpu_repack(bnb_has_kernel: bool, training: bool, out_features: int, in_f
     next training step then takes the inference-only gemv path and fails ("a view of a leaf
     Variable ... in-place operation"; issue #2078 is the same missing inverse for `.to()`).
     It also repacks layers its layout cannot hold: rows not a multiple of 32 or inputs not a
-    multiple of the block size fail with "shape '[32, 0]' is invalid". So: inference only,
-    where bitsandbytes has the kernel, and only for shapes the layout fits.
+    multiple of the block size fail with "shape '[32, 0]' is invalid". The kernel computes in
+    bf16 whatever the layer's compute dtype (it casts the input), so a layer set to compute in
+    float32 or float16 is not repacked: it computes in the dtype it says. So: inference only,
+    where bitsandbytes has the kernel, for bf16 layers, and only for shapes the layout fits.
     """
     fits = out_features % BNB_REPACK_ROW_BLOCK == 0 and in_features % blocksize == 0
-    return bnb_has_kernel and not training and fits
+    return bnb_has_kernel and not training and compute_dtype == torch.bfloat16 and fits
 
 
 def int8_kernel_family(caps: Capabilities) -> str:

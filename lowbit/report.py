@@ -87,8 +87,9 @@ def speed_guide(hardware: dict | None) -> str | None:
         bf16 = ("bf16 matmuls are native here, so `half_bf16` and bitsandbytes' NF4 (its CPU kernel computes in bf16) "
                 "can beat FP32, while LLM.int8 (`ptq_int8_bnb`) saves memory, not time, on a CPU")
     else:
-        bf16 = ("this CPU has no native bf16 matmul, so `half_bf16` and the bitsandbytes variants (NF4, LLM.int8; their "
-                "CPU kernels compute in bf16) run emulated, several times slower than FP32: they save memory, not time")
+        bf16 = ("this CPU has no native bf16 matmul, so `half_bf16` and LLM.int8 (`ptq_int8_bnb`, its CPU kernel computes "
+                "in bf16) run emulated, several times slower than FP32, and NF4 computes in fp32 here, dequantizing its "
+                "weights at every call (lowbit.hardware.nf4_compute_dtype): they save memory, not time")
     lines = [f"Speed figures are for this kind of machine: {hardware.get('cores', '?')} cores, CPU flags {flags}. "
              f"int8 kernels: {INT8_KERNELS.get(kernels, INT8_KERNELS['generic'])}; {bf16}; `half_fp16` has no FP16 "
              "arithmetic on x86 CPUs before AVX512-FP16/AMX-FP16 and runs slowest."]

@@ -2,7 +2,8 @@
 
     config = nf4_config(skip=["classifier"], compute_dtype=torch.bfloat16)
     model = AutoModelForSequenceClassification.from_pretrained(path, quantization_config=config)
-    set_4bit_layouts(model, training=False)     # before the first forward call
+    set_4bit_compute_dtype(model, torch.float32)  # optional: another dtype than the saved config's
+    set_4bit_layouts(model, training=False)       # before the first forward call
 
 bitsandbytes is imported only inside these functions: importing it takes about 2 s.
 """
@@ -34,6 +35,23 @@ def llm_int8_config(skip: list[str]) -> BitsAndBytesConfig:
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
+def four_bit_layers(model: nn.Module) -> list[nn.Module]:
+    import bitsandbytes as bnb
+
+    return [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
+
+
+def set_4bit_compute_dtype(model: nn.Module, dtype: torch.dtype) -> int:
+    """Make every 4-bit layer compute in `dtype` (bitsandbytes casts the input and the dequantized
+    weight to it) instead of the dtype its saved config names; returns how many layers. Call before
+    set_4bit_layouts, which reads it."""
+    layers = four_bit_layers(model)
+    for layer in layers:
+        layer.compute_dtype = dtype
+        layer.compute_type_is_set = True  # else bitsandbytes takes the first input's dtype
+    return len(layers)
+
+
 def set_4bit_layouts(model: nn.Module, training: bool) -> int:
     """Decide, per 4-bit layer, whether bitsandbytes may repack it for its AVX512-BF16 inference
     kernel (lowbit.hardware.bnb_cpu_repack); returns how many may. Call before the first forward
@@ -42,10 +60,10 @@ def set_4bit_layouts(model: nn.Module, training: bool) -> int:
 
     bnb_has_kernel = bool(bnb.functional.has_avx512bf16())
     allowed = 0
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            blocksize = module.weight.quant_state.blocksize if module.weight.quant_state else module.weight.blocksize
-            repack = bnb_cpu_repack(bnb_has_kernel, training, module.out_features, module.in_features, blocksize)
-            module.support_avx512bf16_for_cpu = repack  # the attribute Linear4bit.forward reads
-            allowed += repack
+    for module in four_bit_layers(model):
+        blocksize = module.weight.quant_state.blocksize if module.weight.quant_state else module.weight.blocksize
+        repack = bnb_cpu_repack(bnb_has_kernel, training, module.compute_dtype, module.out_features,
+                                module.in_features, blocksize)
+        module.support_avx512bf16_for_cpu = repack  # the attribute Linear4bit.forward reads
+        allowed += repack
     return allowed

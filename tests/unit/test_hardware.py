@@ -9,7 +9,7 @@ import torch
 from lowbit import hardware
 from lowbit.hardware import (
     Capabilities, bnb_cpu_repack, cpu_flags, determinism_environment, device_map, evaluation_threads, int8_kernel_family,
-    qlora_compute_dtype, training_mmap_threshold, training_optimizer, training_trims_heap_each_step,
+    nf4_compute_dtype, qlora_compute_dtype, training_mmap_threshold, training_optimizer, training_trims_heap_each_step,
 )
 
 AVX2_CPU = Capabilities(cpu_capability="AVX2", cpu_flags=frozenset({"avx2"}), cores=2)
@@ -35,6 +35,14 @@ def test_auto_qlora_dtype_follows_the_hardware(caps, dtype, reason):
     assert chosen == dtype and reason in why
 
 
+@pytest.mark.parametrize("caps, dtype", [
+    (AVX2_CPU, torch.float32), (AVX512_BF16_CPU, torch.bfloat16), (AMX_CPU, torch.bfloat16),
+    (CUDA_BF16, torch.bfloat16), (CUDA_FP16_ONLY, torch.float16),
+])
+def test_a_loaded_nf4_model_computes_in_what_the_machine_multiplies_natively(caps, dtype):
+    assert nf4_compute_dtype(caps)[0] == dtype
+
+
 @pytest.mark.parametrize("caps", EVERY_MACHINE)
 @pytest.mark.parametrize("setting", ["float32", "bfloat16", "float16"])
 def test_an_explicit_qlora_dtype_is_taken_on_every_machine(caps, setting):
@@ -50,17 +58,20 @@ def test_optimizer_and_device_follow_cuda(caps, optimizer, device):
     assert device_map(caps) == device
 
 
-@pytest.mark.parametrize("has_kernel, training, out_features, in_features, allowed", [
-    (True, False, 384, 384, True),     # MiniLM's attention projections at inference
-    (True, False, 1536, 384, True),
-    (True, True, 384, 384, False),     # training: a repacked layer cannot train (the qlora failure)
-    (False, False, 384, 384, False),   # AVX2: bitsandbytes has no fused kernel
-    (True, False, 32, 32, False),      # narrower than one block of 64: "shape '[32, 0]' is invalid"
-    (True, False, 48, 64, False),      # rows not a multiple of 32
-    (True, False, 64, 96, False),      # inputs not a multiple of the block size
+@pytest.mark.parametrize("has_kernel, training, dtype, out_features, in_features, allowed", [
+    (True, False, torch.bfloat16, 384, 384, True),     # MiniLM's attention projections at inference
+    (True, False, torch.bfloat16, 1536, 384, True),
+    (True, True, torch.bfloat16, 384, 384, False),     # training: a repacked layer cannot train (the qlora failure)
+    (False, False, torch.bfloat16, 384, 384, False),   # AVX2: bitsandbytes has no fused kernel
+    (True, False, torch.float32, 384, 384, False),     # the kernel computes in bf16: a float32 layer would not
+    (True, False, torch.float16, 384, 384, False),
+    (True, False, torch.bfloat16, 32, 32, False),      # narrower than one block of 64: "shape '[32, 0]' is invalid"
+    (True, False, torch.bfloat16, 48, 64, False),      # rows not a multiple of 32
+    (True, False, torch.bfloat16, 64, 96, False),      # inputs not a multiple of the block size
 ])
-def test_bnb_repacks_only_for_inference_where_the_layout_fits(has_kernel, training, out_features, in_features, allowed):
-    assert bnb_cpu_repack(has_kernel, training, out_features, in_features, blocksize=64) is allowed
+def test_bnb_repacks_only_bf16_layers_for_inference_where_the_layout_fits(has_kernel, training, dtype, out_features,
+                                                                          in_features, allowed):
+    assert bnb_cpu_repack(has_kernel, training, dtype, out_features, in_features, blocksize=64) is allowed
 
 
 @pytest.mark.parametrize("caps, family", [
@@ -184,17 +195,50 @@ def test_qlora_trains_saves_reloads_and_evaluates_in_every_compute_dtype(dtype, 
 
 
 @pytest.mark.parametrize("has_kernel", [True, False])
-def test_set_4bit_layouts_applies_the_decision_to_each_layer(has_kernel, wide_dir, monkeypatch):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_set_4bit_layouts_applies_the_decision_to_each_layer(has_kernel, dtype, wide_dir, monkeypatch):
     import bitsandbytes as bnb
 
     monkeypatch.setattr(bnb.functional, "has_avx512bf16", lambda: has_kernel)
-    model = load_4bit_base(str(wide_dir), MODEL, {"labels": LABELS}, qlora_params("float32"))
+    model = load_4bit_base(str(wide_dir), MODEL, {"labels": LABELS}, qlora_params(dtype))
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)  # loaded for training
     allowed = set_4bit_layouts(model, training=False)
-    # hidden 64, intermediate 128: every 4-bit layer fits the layout
-    assert allowed == (len(layers) if has_kernel else 0)
-    assert all(m.support_avx512bf16_for_cpu is has_kernel for m in layers)
+    # hidden 64, intermediate 128: every 4-bit layer fits the layout; only bf16 layers may use it
+    repacked = has_kernel and dtype == "bfloat16"
+    assert allowed == (len(layers) if repacked else 0)
+    assert all(m.support_avx512bf16_for_cpu is repacked for m in layers)
+
+
+@pytest.mark.parametrize("caps, dtype", [(AVX2_CPU, torch.float32), (AVX512_BF16_CPU, torch.bfloat16)])
+def test_ptq_nf4_computes_in_the_loading_machines_dtype(caps, dtype, wide_dir, tmp_path, monkeypatch):
+    """Quantized on this machine (its saved config names this machine's dtype), loaded as if on `caps`:
+    every 4-bit layer computes in that machine's dtype; in float32 a layer's output is the float32
+    product with its dequantized weight, with no bf16 rounding."""
+    import bitsandbytes as bnb
+
+    from lowbit.formats import load_variant
+    from lowbit.quant.scheme import SchemeContext
+    from lowbit.quant.schemes import SCHEMES
+    from lowbit.quant.schemes import bnb as bnb_scheme
+
+    SCHEMES["nf4"].build(SchemeContext(wide_dir, tmp_path, MODEL, ["classifier"], True, [], 99.9, 128, list))
+    monkeypatch.setattr(bnb_scheme, "detect", lambda: caps)
+    model, _ = load_variant(tmp_path / "ptq_nf4", MODEL)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(m.compute_dtype == dtype for m in layers)
+    layer = layers[0]
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(0))
+    weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    reference = torch.nn.functional.linear(x, weight, layer.bias.float())
+    with torch.inference_mode():
+        out = layer(x)
+    assert out.dtype == torch.float32  # bitsandbytes casts back to the input's dtype
+    gap = (out - reference).abs().max().item()
+    if dtype == torch.float32:
+        assert gap < 1e-5
+    else:  # bf16 keeps 8 bits of mantissa: the same product, rounded
+        assert 1e-5 < gap < 0.05 * reference.abs().max().item()
 
 
 def test_bitsandbytes_optional_kernel_message_is_silenced_at_its_logger():

@@ -177,6 +177,7 @@ def test_speed_guide_names_what_this_cpu_kind_runs_fast(kernels, gains):
     guide = speed_guide(hardware(kernels, bf16=False))
     assert gains in guide
     assert "no native bf16 matmul" in guide and "save memory, not time" in guide
+    assert "NF4 computes in fp32 here" in guide  # the dtype lowbit.hardware.nf4_compute_dtype picks without bf16
     assert "half_fp16" in guide and "CUDA" not in guide
 
 
