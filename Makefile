@@ -46,6 +46,9 @@ bench: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.overhead --out bench/results/overhead.json
 # truth checks the figures of the project `lowbit run` just made in bench.overhead, right after it, on the same machine state.
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.truth --project bench/.work/overhead-default-lowbit --out bench/results/truth.json
+# ptq_nf4 in each compute dtype on the same project, natively and with torch's/oneDNN's AVX2 code paths
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.nf4_dtype --project bench/.work/overhead-default-lowbit
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.nf4_dtype --project bench/.work/overhead-default-lowbit --isa avx2
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.scaling --out bench/results/scaling.json
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.peft --out bench/results/peft.json
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m bench.runners --out bench/results/runners.json
