@@ -36,6 +36,7 @@ def llm_int8_config(skip: list[str]) -> BitsAndBytesConfig:
 
 
 def four_bit_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's bitsandbytes 4-bit layers (none in an LLM.int8 or unquantized model)."""
     import bitsandbytes as bnb
 
     return [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
