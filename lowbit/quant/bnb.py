@@ -42,15 +42,12 @@ def four_bit_layers(model: nn.Module) -> list[nn.Module]:
     return [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
 
 
-def set_4bit_compute_dtype(model: nn.Module, dtype: torch.dtype) -> int:
+def set_4bit_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
     """Make every 4-bit layer compute in `dtype` (bitsandbytes casts the input and the dequantized
-    weight to it) instead of the dtype its saved config names; returns how many layers. Call before
-    set_4bit_layouts, which reads it."""
-    layers = four_bit_layers(model)
-    for layer in layers:
+    weight to it) instead of the dtype its saved config names. Call before set_4bit_layouts, which reads it."""
+    for layer in four_bit_layers(model):
         layer.compute_dtype = dtype
         layer.compute_type_is_set = True  # else bitsandbytes takes the first input's dtype
-    return len(layers)
 
 
 def set_4bit_layouts(model: nn.Module, training: bool) -> int:

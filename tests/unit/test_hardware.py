@@ -30,17 +30,10 @@ EVERY_MACHINE = [AVX2_CPU, AVX512_BF16_CPU, AMX_CPU, CUDA_BF16, CUDA_FP16_ONLY]
     (CUDA_BF16, torch.bfloat16, "CUDA device with bf16"),
     (CUDA_FP16_ONLY, torch.float16, "CUDA device without bf16"),
 ])
-def test_auto_qlora_dtype_follows_the_hardware(caps, dtype, reason):
-    chosen, why = qlora_compute_dtype("auto", caps)
-    assert chosen == dtype and reason in why
-
-
-@pytest.mark.parametrize("caps, dtype", [
-    (AVX2_CPU, torch.float32), (AVX512_BF16_CPU, torch.bfloat16), (AMX_CPU, torch.bfloat16),
-    (CUDA_BF16, torch.bfloat16), (CUDA_FP16_ONLY, torch.float16),
-])
-def test_a_loaded_nf4_model_computes_in_what_the_machine_multiplies_natively(caps, dtype):
-    assert nf4_compute_dtype(caps)[0] == dtype
+def test_auto_4bit_dtype_follows_the_hardware(caps, dtype, reason):
+    """QLoRA's `auto` and a loaded ptq_nf4 both compute in what the machine multiplies natively."""
+    for chosen, why in (qlora_compute_dtype("auto", caps), nf4_compute_dtype(caps)):
+        assert chosen == dtype and reason in why
 
 
 @pytest.mark.parametrize("caps", EVERY_MACHINE)
